@@ -1,0 +1,146 @@
+"""Loaders: a resumable, rank-sharded step sampler and collate functions that build batch dicts.
+
+Training batches are ``{"views": [view_1, view_2, ...], "label", "index", "skipped"}``;
+evaluation batches are ``{"image", "label", "index", "skipped"}``. ``skipped`` lists the files
+that could not be read (the run counts them and names them once).
+
+Randomness is a function of ``(seed, rank, step)`` only: the order of samples comes from a
+per-epoch permutation and the augmentation generator is seeded from the step number carried
+with the batch. A run resumed at step k therefore sees exactly the batches and views that an
+uninterrupted run sees, whatever the number of loader workers.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .augment import ViewAugment, eval_transform
+
+
+class StepBatchSampler(Sampler):
+    """Yields ``[(step, index), ...]`` batches forever, from ``start_step`` on.
+
+    Epoch e uses ``randperm(n)`` seeded with ``seed + e``; each global batch of
+    ``batch_size * world_size`` indices is cut into per-rank slices (rank r takes the r-th).
+    Incomplete last batches of an epoch are dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.global_batch = batch_size * world_size
+        self.steps_per_epoch = n // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size {batch_size} x world_size {world_size} is larger than the dataset ({n} samples)")
+
+    def __iter__(self) -> Iterator[list]:
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            while k < self.steps_per_epoch:
+                lo = k * self.global_batch + self.rank * self.batch_size
+                yield [(step, int(i)) for i in perm[lo:lo + self.batch_size]]
+                step += 1
+                k += 1
+
+    def __len__(self) -> int:  # infinite; a large number keeps DataLoader happy
+        return 2**62
+
+
+class _StepKeyed(Dataset):
+    """Accepts ``(step, index)`` keys and adds the step to the item."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        step, i = key if isinstance(key, tuple) else (-1, key)
+        item = self.ds[i]
+        item["step"] = step
+        return item
+
+
+def _split_items(items: Sequence[dict]):
+    good = [it for it in items if "skip" not in it]
+    skipped = [(it["skip"], it.get("reason", "")) for it in items if "skip" in it]
+    return good, skipped
+
+
+class ViewCollate:
+    """Collate for training: stack the images, then draw each view with its own augmentation."""
+
+    def __init__(self, augments: Sequence[ViewAugment], seed: int = 0, rank: int = 0):
+        self.augments, self.seed, self.rank = list(augments), seed, rank
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        good, skipped = _split_items(items)
+        step = items[0].get("step", -1)
+        if not good:
+            return {"views": [], "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
+                    "skipped": skipped, "step": step}
+        images = torch.stack([it["image"] for it in good])
+        # a distinct, reproducible stream per (seed, rank, step)
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + step) % (2**63))
+        views = [aug(images, g) for aug in self.augments]
+        return {"views": views,
+                "label": torch.tensor([it["label"] for it in good]),
+                "index": torch.tensor([it["index"] for it in good]),
+                "skipped": skipped, "step": step}
+
+
+class EvalCollate:
+    """Collate for evaluation: resize and normalise only."""
+
+    def __init__(self, size: int, mean, std):
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        good, skipped = _split_items(items)
+        if not good:
+            return {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long),
+                    "index": torch.empty(0, dtype=torch.long), "skipped": skipped}
+        images = torch.stack([it["image"] for it in good])
+        return {"image": eval_transform(images, self.size, self.mean, self.std),
+                "label": torch.tensor([it["label"] for it in good]),
+                "index": torch.tensor([it["index"] for it in good]),
+                "skipped": skipped}
+
+
+def train_loader(ds: Dataset, batch_size: int, augments: Sequence[ViewAugment], *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, num_workers: int = 0) -> DataLoader:
+    """An endless loader of augmented multi-view batches (see module docstring)."""
+    sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step)
+    return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=ViewCollate(augments, seed, rank),
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def eval_loader(ds: Dataset, size: int, batch_size: int = 512, num_workers: int = 0) -> DataLoader:
+    """A single ordered pass over a dataset, for features and probes."""
+    info = ds.info
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=EvalCollate(size, info.mean, info.std))
+
+
+class SkipCounter:
+    """Counts unreadable files seen in batches and warns once per file, naming it."""
+
+    def __init__(self):
+        self.files: dict[str, str] = {}
+
+    def update(self, batch: dict) -> None:
+        for path, reason in batch.get("skipped", ()):
+            if path not in self.files:
+                self.files[path] = reason
+                warnings.warn(f"skipping unreadable image '{path}' ({reason})", stacklevel=2)
+
+    @property
+    def count(self) -> int:
+        return len(self.files)

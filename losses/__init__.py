@@ -1,0 +1,21 @@
+"""Self-supervised and multimodal losses as pure functions on tensors.
+
+Every loss works in a single process and, unchanged, under
+``torch.distributed`` data parallelism (contrastive negatives are gathered
+from all ranks with :func:`gather_with_grad`). Only ``torch`` is imported.
+"""
+
+from .byol import byol_loss
+from .clip import clip_loss
+from .dist import all_reduce_mean, gather_with_grad, rank, world_size
+from .nt_xent import nt_xent_loss
+
+__all__ = [
+    "byol_loss",
+    "nt_xent_loss",
+    "clip_loss",
+    "gather_with_grad",
+    "world_size",
+    "rank",
+    "all_reduce_mean",
+]

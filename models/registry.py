@@ -1,0 +1,113 @@
+"""A small name -> factory registry for backbones.
+
+Backbone modules register their factory functions with
+:func:`register_backbone`; callers build models by name with
+:func:`create_backbone`.  The registry is a plain ``dict`` so that it is easy
+to inspect and has no hidden state.
+
+Example::
+
+    @register_backbone("my_net")
+    def my_net(in_chans: int = 3) -> nn.Module:
+        ...
+
+    model = create_backbone("my_net", in_chans=1)
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Callable, Dict, List, TypeVar
+
+import torch.nn as nn
+
+__all__ = ["BACKBONES", "register_backbone", "create_backbone", "list_backbones"]
+
+Factory = Callable[..., nn.Module]
+F = TypeVar("F", bound=Factory)
+
+#: Maps a backbone name to the factory function that builds it.
+BACKBONES: Dict[str, Factory] = {}
+
+
+def register_backbone(name: str) -> Callable[[F], F]:
+    """Returns a decorator that registers a backbone factory under ``name``.
+
+    Args:
+        name: Registry key.  Must not be registered already.
+
+    Returns:
+        A decorator that stores the factory and returns it unchanged.
+
+    Raises:
+        ValueError: If ``name`` is already registered.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+
+    def decorator(factory: F) -> F:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        BACKBONES[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_backbones() -> List[str]:
+    """Returns the registered backbone names, sorted alphabetically."""
+    return sorted(BACKBONES)
+
+
+def _accepted_kwargs(factory: Factory) -> List[str] | None:
+    """Names of the keyword arguments ``factory`` accepts (None: any)."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+
+
+def create_backbone(name: str, **kwargs) -> nn.Module:
+    """Builds a registered backbone.
+
+    Args:
+        name: A name from :func:`list_backbones`.
+        **kwargs: Keyword arguments forwarded to the backbone's factory.
+
+    Returns:
+        The backbone module.  It has an ``embed_dim`` attribute and the methods
+        ``forward_features`` and ``forward_pooled`` (``forward`` is
+        ``forward_pooled``).
+
+    Raises:
+        ValueError: If ``name`` is not registered.  The message lists the valid
+            names and, when there is a close one, suggests it.
+        TypeError: If a keyword argument is not accepted by the factory.  The
+            message names the keyword and the accepted ones.
+    """
+    factory = BACKBONES.get(name)
+    if factory is None:
+        valid = list_backbones()
+        msg = f"unknown backbone {name!r}"
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+        msg += f"; valid backbones: {', '.join(valid) if valid else '(none registered)'}"
+        raise ValueError(msg)
+
+    accepted = _accepted_kwargs(factory)
+    if accepted is not None:
+        unknown = [k for k in kwargs if k not in accepted]
+        if unknown:
+            bad = ", ".join(repr(k) for k in unknown)
+            word = "argument" if len(unknown) == 1 else "arguments"
+            raise TypeError(
+                f"create_backbone({name!r}) got unexpected keyword {word} {bad}; "
+                f"accepted keywords: {', '.join(accepted)}"
+            )
+    return factory(**kwargs)

@@ -1,0 +1,224 @@
+"""The training loop. It never branches per objective nor per engine."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import data as data_lib
+from models import create_backbone
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+from .config import RunConfig, save_config, to_dict
+from .engine import PlainEngine
+from .objectives import create_objective
+from .optim import build_optimizer
+from .schedules import LRSchedule
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (diverged loss, bad resume directory); the message says why."""
+
+
+def build_backbone(cfg: RunConfig, in_chans: int, image_size: int):
+    """The backbone of a run, from ``cfg.model`` and the data's channels and size."""
+    m = cfg.model
+    if m.backbone.startswith("resnet"):
+        return create_backbone(m.backbone, in_chans=in_chans, stem=m.stem, norm=m.norm, width=m.width)
+    if m.backbone.startswith("vit"):
+        return create_backbone(m.backbone, in_chans=in_chans, image_size=image_size, patch_size=m.patch_size)
+    return create_backbone(m.backbone)
+
+
+def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):
+    """Backbone plus objective for a run config and dataset."""
+    size = cfg.image_size or info.image_size
+    backbone = build_backbone(cfg, info.channels, size)
+    objective = create_objective(cfg.objective, backbone, cfg.objective_config)
+    if cfg.model.channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+    return objective
+
+
+def view_augments(cfg: RunConfig, objective, info: data_lib.DatasetInfo) -> list[data_lib.ViewAugment]:
+    size = cfg.image_size or info.image_size
+    kind = cfg.aug.views or objective.view_recipe
+    specs = data_lib.view_specs(kind, size, crop_scale=cfg.aug.crop_scale, color=info.color, flip=info.flip,
+                                jitter_strength=cfg.aug.jitter_strength)
+    return [data_lib.ViewAugment(s, info.mean, info.std) for s in specs]
+
+
+def effective_lr(cfg: RunConfig, world_size: int = 1) -> float:
+    """Base LR, linearly scaled with the global batch (lr * B / 256) when ``optim.scale_lr``."""
+    o = cfg.optim
+    global_batch = cfg.batch_size * o.grad_accum * world_size
+    return o.lr * global_batch / 256 if o.scale_lr else o.lr
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per logged step) plus TensorBoard event files."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif not resume_step and self.path.exists():
+            self.path.unlink()
+        self.fh = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step or None)
+        except Exception:  # tensorboard missing: the JSON log is the source of truth anyway
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_metrics(run_dir: str | Path, key: str = "loss") -> Path | None:
+    """PNG of ``key`` against step from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if key in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(f"{run_dir.name}: training {key}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / f"{key}_curve.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _scalars(out: dict) -> dict:
+    rec = {}
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            rec[k] = float(v.detach())
+        elif isinstance(v, (int, float)):
+            rec[k] = float(v)
+    return rec
+
+
+def fit(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train ``cfg.objective`` and leave a run directory; returns its path.
+
+    With ``resume=True`` the latest checkpoint under ``cfg.run_dir`` is restored (model,
+    optimizer, LR schedule, EMA teacher, RNG states and data position) and training goes on
+    to ``cfg.max_steps``; the losses continue exactly as in an uninterrupted run.
+    """
+    run_dir = Path(cfg.run_dir)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train_ds = data_lib.build_dataset(cfg.data, "train", image_size=cfg.image_size or None, seed=cfg.seed)
+    info = train_ds.info
+    objective = build_model(cfg, info)
+    optimizer = build_optimizer(objective.param_groups(), cfg.optim.name, effective_lr(cfg), cfg.optim.weight_decay,
+                                cfg.optim.momentum, cfg.optim.betas, cfg.optim.lars_eta)
+    schedule = LRSchedule(optimizer, effective_lr(cfg), cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+    engine = PlainEngine(objective, optimizer, schedule, cfg.precision, cfg.optim.grad_accum, cfg.optim.grad_clip)
+
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise RunError(f"--resume: no checkpoint found under '{run_dir / 'checkpoints'}'")
+        state, meta = load_checkpoint(ckpt)
+        engine.load_state_dict(state["engine"])
+        if hasattr(objective, "load_state_dict_extra"):
+            objective.load_state_dict_extra(state.get("objective_extra", {}))
+        set_rng_state(state["rng"])
+        start = int(meta["step"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    accum = cfg.optim.grad_accum
+    loader = data_lib.train_loader(train_ds, cfg.batch_size, view_augments(cfg, objective, info), seed=cfg.seed,
+                                   start_step=start * accum, num_workers=cfg.num_workers)
+    logger = MetricsLogger(run_dir, resume_step=start)
+    skips = data_lib.SkipCounter()
+    channels_last = cfg.model.channels_last
+
+    def checkpoint(step: int) -> None:
+        state = {"engine": engine.state_dict(), "rng": rng_state(),
+                 "objective_extra": objective.state_dict_extra() if hasattr(objective, "state_dict_extra") else {}}
+        save_checkpoint(run_dir, step, state, {"config": to_dict(cfg), "world_size": engine.world_size,
+                                               "objective": cfg.objective}, keep_last=cfg.keep_last)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.objective}", disable=not cfg.progress,
+               dynamic_ncols=True)
+    engine.train()
+    it = iter(loader)
+    t0, seen = time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.max_steps):
+            for _ in range(accum):
+                batch = next(it)
+                skips.update(batch)
+                if not batch["views"] or batch["views"][0].shape[0] < 2:
+                    continue  # every file of this batch was unreadable
+                if channels_last:
+                    batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
+                out = engine(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise RunError(f"loss became {float(loss)} at step {step}; lower optim.lr "
+                                   f"(now {cfg.optim.lr}) or use precision=fp32")
+                engine.backward(loss)
+                engine.step()
+                seen += batch["views"][0].shape[0]
+            objective.on_step_end(step, cfg.max_steps)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
+                dt = time.perf_counter() - t0
+                rec = {"step": done, **_scalars(out), "lr": engine.lr, "images_per_s": seen / max(dt, 1e-9),
+                       "skipped_files": skips.count}
+                logger.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
+                checkpoint(done)
+        checkpoint(cfg.max_steps)
+    finally:
+        bar.close()
+        logger.close()
+    save_weights(run_dir / "weights.safetensors", objective.state_dict(),
+                 {"objective": cfg.objective, "backbone": cfg.model.backbone, "format": "ssl-pretrain/1",
+                  "config": json.dumps(to_dict(cfg))})
+    plot_metrics(run_dir, "loss")
+    summary = {"steps": cfg.max_steps, "skipped_files": skips.count, "skipped": sorted(skips.files),
+               "wall_s": round(time.perf_counter() - t0, 2)}
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    if skips.count:
+        print(f"skipped {skips.count} unreadable file(s); see {run_dir / 'train_summary.json'}")
+    return run_dir

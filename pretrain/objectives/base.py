@@ -1,0 +1,112 @@
+"""The one interface every pretraining objective implements, and the registry that finds them."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Objective(nn.Module):
+    """One pretraining method on a shared backbone. Never calls backward().
+
+    Subclasses set ``view_recipe`` (the augmentation recipe of their views, see
+    :func:`data.view_specs`) and implement :meth:`forward`.
+    """
+
+    view_recipe: str = "simclr"
+    num_views: int = 2
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """Return ``{"loss": scalar with grad, "<part>_loss": detached, ...}``."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """Called after each optimizer step (EMA teachers, prototype normalisation). Default: nothing."""
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters the optimizer updates (teachers excluded)."""
+        return [m for m in self.children()]
+
+    def param_groups(self) -> list[dict]:
+        """Two groups: weights with decay, and norms/biases without decay or LARS adaptation."""
+        decay, no_decay, seen = [], [], set()
+        for module in self.trainable_modules():
+            for p in module.parameters():
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "name": "decay"}]
+        if no_decay:
+            groups.append({"params": no_decay, "name": "no_decay", "weight_decay": 0.0, "lars_exclude": True})
+        return groups
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> Tensor:
+        """Frozen features [B, D] that probes and search indexes use: the pooled backbone output."""
+        return self.backbone.forward_pooled(batch["image"]).float()
+
+
+_REGISTRY: dict[str, tuple[type[Objective], type]] = {}
+
+
+def register_objective(name: str, config_cls: type):
+    """Class decorator: ``@register_objective("byol", ByolConfig)``; config_cls is a dataclass."""
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"register_objective('{name}'): config class must be a dataclass")
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"objective '{name}' is registered twice")
+        _REGISTRY[name] = (cls, config_cls)
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def list_objectives() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ValueError(f"unknown objective '{name}'{hint}; valid objectives: {', '.join(list_objectives())}")
+    return _REGISTRY[name]
+
+
+def objective_class(name: str) -> type[Objective]:
+    return _lookup(name)[0]
+
+
+def objective_config_class(name: str) -> type:
+    return _lookup(name)[1]
+
+
+def create_objective(name: str, backbone: nn.Module, config: Any = None, **overrides) -> Objective:
+    """Build a registered objective around ``backbone``.
+
+    Args:
+        name: registered objective name (see :func:`list_objectives`).
+        backbone: a backbone with ``forward_pooled`` and ``embed_dim``.
+        config: the objective's Config instance; defaults are used when None.
+        **overrides: Config fields to replace.
+    """
+    cls, cfg_cls = _lookup(name)
+    cfg = config if config is not None else cfg_cls()
+    if overrides:
+        valid = [f.name for f in dataclasses.fields(cfg_cls)]
+        bad = [k for k in overrides if k not in valid]
+        if bad:
+            raise TypeError(f"objective '{name}' has no option {bad[0]!r}; valid: {', '.join(valid)}")
+        cfg = dataclasses.replace(cfg, **overrides)
+    return cls(backbone, cfg)

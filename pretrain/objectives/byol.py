@@ -1,0 +1,80 @@
+"""BYOL: Bootstrap Your Own Latent (Grill et al., NeurIPS 2020)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from losses import byol_loss
+from models import MLPHead, ema_update_, frozen_copy
+
+from .base import Objective, register_objective
+
+
+@dataclass
+class ByolConfig:
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    base_momentum: float = 0.996  # EMA momentum at step 0, raised to final_momentum on a cosine
+    final_momentum: float = 1.0
+
+
+def cosine_momentum(step: int, max_steps: int, base: float, final: float = 1.0) -> float:
+    """BYOL's target decay: tau = final - (final - base) * (cos(pi * k / K) + 1) / 2."""
+    k = min(max(step, 0), max_steps)
+    return final - (final - base) * (math.cos(math.pi * k / max(max_steps, 1)) + 1) / 2
+
+
+@register_objective("byol", ByolConfig)
+class BYOL(Objective):
+    """Online network (backbone, projector, predictor) regresses an EMA target's projection.
+
+    The loss is symmetrised over the two views: each view's prediction is pulled towards the
+    target projection of the other view; the two terms are summed as in the paper.
+    """
+
+    view_recipe = "byol"
+
+    def __init__(self, backbone: nn.Module, cfg: ByolConfig):
+        super().__init__(backbone)
+        self.cfg = cfg
+        self.projector = MLPHead(backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm="bn")
+        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, norm="bn")
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projector = frozen_copy(self.projector)
+        self.momentum = cfg.base_momentum
+
+    def trainable_modules(self):
+        return [self.backbone, self.projector, self.predictor]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # the target keeps computing batch statistics like the online network (as in the paper)
+        return self
+
+    def forward(self, batch: dict) -> dict:
+        v1, v2 = batch["views"][:2]
+        n = v1.shape[0]
+        x = torch.cat([v1, v2])  # one pass over both views: larger GEMMs, shared BN statistics
+        p = self.predictor(self.projector(self.backbone.forward_pooled(x)))
+        with torch.no_grad():
+            z = self.target_projector(self.target_backbone.forward_pooled(x))
+        p1, p2 = p[:n].float(), p[n:].float()
+        z1, z2 = z[:n].float(), z[n:].float()
+        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+        return {"loss": loss, "momentum": torch.tensor(self.momentum)}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        ema_update_(self.target_backbone, self.backbone, self.momentum)
+        ema_update_(self.target_projector, self.projector, self.momentum)
+        self.momentum = cosine_momentum(step + 1, max_steps, self.cfg.base_momentum, self.cfg.final_momentum)
+
+    def state_dict_extra(self) -> dict:
+        return {"momentum": self.momentum}
+
+    def load_state_dict_extra(self, d: dict) -> None:
+        self.momentum = float(d.get("momentum", self.momentum))
