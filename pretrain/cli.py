@@ -18,7 +18,7 @@ def _cmd_fit(args) -> int:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise _user_error(f"--resume: '{run}' is not a run directory (no config.yaml)")
-        cfg = load_config(run / "config.yaml", [*args.overrides, f"run_dir={run}"])
+        cfg = load_config(run / "config.yaml", ["stop_at=0", *args.overrides, f"run_dir={run}"])
     else:
         cfg = load_config(args.recipe, args.overrides)
     t0 = time.time()

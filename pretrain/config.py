@@ -64,12 +64,6 @@ class ProbeConfig:
 
 
 @dataclass
-class DeepSpeedConfig:
-    config: str = ""  # path to a DeepSpeed JSON; empty = launch/ds_configs/zero{stage}.json
-    zero_stage: int = 0
-
-
-@dataclass
 class RunConfig:
     objective: str = "byol"
     data: str = "mnist5k"
@@ -81,6 +75,7 @@ class RunConfig:
     engine: str = "plain"  # plain | deepspeed
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
+    stop_at: int = 0  # stop after this step with a checkpoint (a planned pre-emption); 0 = run to max_steps
     keep_last: int = 2
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads, 0 = leave as is
@@ -90,7 +85,6 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # per-objective sections, filled from the objective registry (name -> Config instance)
     objectives: dict = field(default_factory=dict)
 
@@ -110,7 +104,7 @@ CHOICES = {
 
 
 def _nearest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.7)
     return f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
 
 

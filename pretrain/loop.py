@@ -181,7 +181,8 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     it = iter(loader)
     t0, seen = time.perf_counter(), 0
     try:
-        for step in range(start, cfg.max_steps):
+        end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
+        for step in range(start, end):
             for _ in range(accum):
                 batch = next(it)
                 skips.update(batch)
@@ -208,7 +209,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
                 checkpoint(done)
-        checkpoint(cfg.max_steps)
+        checkpoint(end)
     finally:
         bar.close()
         logger.close()
@@ -216,7 +217,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                  {"objective": cfg.objective, "backbone": cfg.model.backbone, "format": "ssl-pretrain/1",
                   "config": json.dumps(to_dict(cfg))})
     plot_metrics(run_dir, "loss")
-    summary = {"steps": cfg.max_steps, "skipped_files": skips.count, "skipped": sorted(skips.files),
+    summary = {"steps": end, "max_steps": cfg.max_steps, "skipped_files": skips.count, "skipped": sorted(skips.files),
                "wall_s": round(time.perf_counter() - t0, 2)}
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     if skips.count:

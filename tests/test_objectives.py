@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from models import create_backbone
+from pretrain.objectives import create_objective, list_objectives
+from pretrain.objectives.byol import cosine_momentum
+
+
+def _tiny_backbone():
+    return create_backbone("resnet18", in_chans=1, width=8)
+
+
+def _batch(n=6, size=16):
+    return {"views": [torch.randn(n, 1, size, size), torch.randn(n, 1, size, size)],
+            "image": torch.randn(n, 1, size, size), "label": torch.arange(n) % 3}
+
+
+@pytest.mark.parametrize("name", list_objectives())
+def test_every_objective_trains_one_step(name):
+    obj = create_objective(name, _tiny_backbone(), proj_hidden=32, proj_dim=16)
+    groups = obj.param_groups()
+    params = [p for g in groups for p in g["params"]]
+    ids = {id(p) for p in params}
+    assert len(ids) == len(params), "a parameter appears in two groups"
+    trainable = {id(p) for p in obj.parameters() if p.requires_grad}
+    assert ids == trainable
+    assert all(p.ndim <= 1 for g in groups if g.get("weight_decay") == 0.0 for p in g["params"])
+    opt = torch.optim.SGD(groups, lr=0.1)
+    before = {k: v.clone() for k, v in obj.state_dict().items()}
+    out = obj(_batch())
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in obj.backbone.parameters())
+    opt.step()
+    obj.on_step_end(0, 10)
+    after = obj.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    emb = obj.embed({"image": torch.randn(4, 1, 16, 16)})
+    assert emb.shape == (4, obj.backbone.embed_dim) and not emb.requires_grad
+
+
+def test_byol_target_is_ema_of_online():
+    obj = create_objective("byol", _tiny_backbone(), proj_hidden=32, proj_dim=16, base_momentum=0.9)
+    assert not any(p.requires_grad for p in obj.target_backbone.parameters())
+    online0 = [p.detach().clone() for p in obj.backbone.parameters()]
+    target0 = [p.detach().clone() for p in obj.target_backbone.parameters()]
+    with torch.no_grad():
+        for p in obj.backbone.parameters():
+            p.add_(1.0)
+    obj.on_step_end(0, 100)
+    for t0, o0, t in zip(target0, online0, obj.target_backbone.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * (o0 + 1.0), atol=1e-6)
+    assert obj.momentum == pytest.approx(cosine_momentum(1, 100, 0.9))
+
+
+def test_cosine_momentum_schedule():
+    assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
+    assert cosine_momentum(50, 100, 0.996) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 2) + 1) / 2)
+
+
+def test_byol_loss_value_matches_formula():
+    torch.manual_seed(1)
+    obj = create_objective("byol", _tiny_backbone(), proj_hidden=32, proj_dim=16).eval()
+    b = _batch(4)
+    out = obj(b)
+    x = torch.cat(b["views"])
+    with torch.no_grad():
+        p = obj.predictor(obj.projector(obj.backbone(x)))
+        z = obj.target_projector(obj.target_backbone(x))
+    cos = torch.nn.functional.cosine_similarity
+    ref = (2 - 2 * cos(p[:4], z[4:])).mean() + (2 - 2 * cos(p[4:], z[:4])).mean()
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_unknown_objective_and_option():
+    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: byol, simclr"):
+        create_objective("simclrr", _tiny_backbone())
+    with pytest.raises(TypeError, match="objective 'simclr' has no option 'bogus'"):
+        create_objective("simclr", _tiny_backbone(), bogus=1)

@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+
+from pretrain.optim import LARS, build_optimizer
+from pretrain.schedules import LRSchedule, warmup_cosine
+
+
+def test_lars_matches_formula():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(torch.randn(5))
+    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+               lr=0.1, momentum=0.9, weight_decay=0.01, eta=0.02)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    gw, gb = torch.randn(5, 3), torch.randn(5)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    g = gw + 0.01 * w0
+    trust = 0.02 * w0.norm() / g.norm()
+    assert torch.allclose(w, w0 - 0.1 * trust * g, atol=1e-6)
+    assert torch.allclose(b, b0 - 0.1 * gb, atol=1e-6)  # excluded: no trust ratio, no decay
+    # second step uses momentum
+    w1 = w.detach().clone()
+    w.grad = gw.clone()
+    opt.step()
+    g2 = gw + 0.01 * w1
+    buf = 0.9 * (trust * g) + 0.02 * w1.norm() / g2.norm() * g2
+    assert torch.allclose(w, w1 - 0.1 * buf, atol=1e-6)
+
+
+def test_build_optimizer_names():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer([{"params": p}], "adamw", 1e-3, 0.05), torch.optim.AdamW)
+    assert isinstance(build_optimizer([{"params": p, "lars_exclude": True}], "sgd", 0.1, 0.0), torch.optim.SGD)
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'; valid: sgd, adamw, lars"):
+        build_optimizer([{"params": p}], "adam", 0.1, 0.0)
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = LRSchedule(opt, 2.0, 20, 0)
+    for _ in range(5):
+        s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 5 / 20)))
+    s2 = LRSchedule(opt, 2.0, 20, 0)
+    s2.load_state_dict(s.state_dict())
+    assert s2.lr == pytest.approx(s.lr)
