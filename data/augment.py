@@ -66,14 +66,35 @@ def view_specs(kind: str, size: int, crop_scale=(0.08, 1.0), color: bool = True,
     return [a, b]
 
 
-def _crop_boxes(n: int, h: int, w: int, scale, ratio, g: torch.Generator) -> torch.Tensor:
+class _Draw:
+    """Random draws for the samples ``[offset, offset + n)`` of a global batch of ``total``.
+
+    Every rank draws the parameters of the whole global batch from the same generator and keeps
+    its own slice, so a sample's augmentation does not depend on how the batch is split over ranks.
+    """
+
+    def __init__(self, g: torch.Generator, n: int, offset: int = 0, total: int | None = None):
+        self.g, self.n, self.offset = g, n, offset
+        self.total = n if total is None else total
+        if self.offset + n > self.total:
+            raise ValueError(f"samples [{offset}, {offset + n}) do not fit a global batch of {self.total}")
+
+    def uniform(self, lo: float, hi: float, *extra: int) -> torch.Tensor:
+        r = torch.empty(self.total, *extra).uniform_(lo, hi, generator=self.g)
+        return r[self.offset:self.offset + self.n]
+
+    def bernoulli(self, p: float) -> torch.Tensor:
+        return (self.uniform(0.0, 1.0) < p).view(self.n, 1, 1, 1)
+
+
+def _crop_boxes(n: int, h: int, w: int, scale, ratio, d: "_Draw") -> torch.Tensor:
     """Random-resized-crop boxes [n, 4] as (cx, cy, cw, ch) fractions of the image.
 
     Ten proposals per sample as in torchvision; the first valid one wins, else the full image.
     """
     tries = 10
-    area = h * w * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=g)
-    logr = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    area = h * w * d.uniform(scale[0], scale[1], tries)
+    logr = d.uniform(math.log(ratio[0]), math.log(ratio[1]), tries)
     r = torch.exp(logr)
     cw = torch.sqrt(area * r).round()
     ch = torch.sqrt(area / r).round()
@@ -82,8 +103,8 @@ def _crop_boxes(n: int, h: int, w: int, scale, ratio, g: torch.Generator) -> tor
     sel = first.clamp(min=0)
     cw = torch.where(first >= 0, cw.gather(1, sel[:, None])[:, 0], torch.full((n,), float(w)))
     ch = torch.where(first >= 0, ch.gather(1, sel[:, None])[:, 0], torch.full((n,), float(h)))
-    x0 = torch.floor(torch.rand(n, generator=g) * (w - cw + 1))
-    y0 = torch.floor(torch.rand(n, generator=g) * (h - ch + 1))
+    x0 = torch.floor(d.uniform(0.0, 1.0) * (w - cw + 1))
+    y0 = torch.floor(d.uniform(0.0, 1.0) * (h - ch + 1))
     return torch.stack([(x0 + cw / 2) / w, (y0 + ch / 2) / h, cw / w, ch / h], 1)
 
 
@@ -122,10 +143,6 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, c, h, w)
 
 
-def _where(p: float, n: int, g: torch.Generator) -> torch.Tensor:
-    return (torch.rand(n, generator=g) < p).view(n, 1, 1, 1)
-
-
 class ViewAugment:
     """Turn a uint8 batch [B, C, H, W] into one normalised float view [B, C, size, size]."""
 
@@ -134,13 +151,16 @@ class ViewAugment:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, g: torch.Generator, offset: int = 0, total: int | None = None
+                 ) -> torch.Tensor:
+        """Augment ``images``, which are samples ``[offset, offset + B)`` of a global batch of ``total``."""
         s = self.spec
         x = images.float().div_(255.0)
         b, c, h, w = x.shape
+        d = _Draw(g, b, offset, total)
         # crop + flip + resize in one bilinear resample
-        box = _crop_boxes(b, h, w, s.crop_scale, s.crop_ratio, g)
-        flip = torch.where(torch.rand(b, generator=g) < s.flip_p, -1.0, 1.0)
+        box = _crop_boxes(b, h, w, s.crop_scale, s.crop_ratio, d)
+        flip = torch.where(d.uniform(0.0, 1.0) < s.flip_p, -1.0, 1.0)
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0] = box[:, 2] * flip
         theta[:, 1, 1] = box[:, 3]
@@ -153,27 +173,27 @@ class ViewAugment:
             y = x
             for op in torch.randperm(4, generator=g).tolist():
                 if op == 0 and s.brightness:
-                    f = torch.empty(b).uniform_(1 - s.brightness, 1 + s.brightness, generator=g)
+                    f = d.uniform(1 - s.brightness, 1 + s.brightness)
                     y = y * f.view(b, 1, 1, 1)
                 elif op == 1 and s.contrast:
-                    f = torch.empty(b).uniform_(1 - s.contrast, 1 + s.contrast, generator=g).view(b, 1, 1, 1)
+                    f = d.uniform(1 - s.contrast, 1 + s.contrast).view(b, 1, 1, 1)
                     m = _gray(y).mean((1, 2, 3), keepdim=True)
                     y = (y - m) * f + m
                 elif op == 2 and s.saturation and c == 3:
-                    f = torch.empty(b).uniform_(1 - s.saturation, 1 + s.saturation, generator=g).view(b, 1, 1, 1)
+                    f = d.uniform(1 - s.saturation, 1 + s.saturation).view(b, 1, 1, 1)
                     gr = _gray(y)
                     y = (y - gr) * f + gr
                 elif op == 3 and s.hue and c == 3:
-                    y = _hue_shift(y, torch.empty(b).uniform_(-s.hue, s.hue, generator=g))
+                    y = _hue_shift(y, d.uniform(-s.hue, s.hue))
                 y = y.clamp(0, 1)
-            x = torch.where(_where(s.jitter_p, b, g), y, x)
+            x = torch.where(d.bernoulli(s.jitter_p), y, x)
         if s.grayscale_p > 0 and c == 3:
-            x = torch.where(_where(s.grayscale_p, b, g), _gray(x).expand_as(x), x)
+            x = torch.where(d.bernoulli(s.grayscale_p), _gray(x).expand_as(x), x)
         if s.blur_p > 0:
-            sigma = torch.empty(b).uniform_(s.blur_sigma[0], s.blur_sigma[1], generator=g)
-            x = torch.where(_where(s.blur_p, b, g), _blur(x, sigma), x)
+            sigma = d.uniform(s.blur_sigma[0], s.blur_sigma[1])
+            x = torch.where(d.bernoulli(s.blur_p), _blur(x, sigma), x)
         if s.solarize_p > 0:
-            x = torch.where(_where(s.solarize_p, b, g), torch.where(x < 0.5, x, 1.0 - x), x)
+            x = torch.where(d.bernoulli(s.solarize_p), torch.where(x < 0.5, x, 1.0 - x), x)
         return (x - self.mean) / self.std
 
 

@@ -4,10 +4,12 @@ Training batches are ``{"views": [view_1, view_2, ...], "label", "index", "skipp
 evaluation batches are ``{"image", "label", "index", "skipped"}``. ``skipped`` lists the files
 that could not be read (the run counts them and names them once).
 
-Randomness is a function of ``(seed, rank, step)`` only: the order of samples comes from a
-per-epoch permutation and the augmentation generator is seeded from the step number carried
-with the batch. A run resumed at step k therefore sees exactly the batches and views that an
-uninterrupted run sees, whatever the number of loader workers.
+Randomness is a function of ``(seed, step)`` only: the order of samples comes from a per-epoch
+permutation, and the augmentation generator is seeded from the step number carried with the
+batch. Every rank draws the augmentation parameters of the whole global batch and keeps its own
+slice. A run resumed at step k therefore sees exactly the batches and views that an
+uninterrupted run sees, whatever the number of loader workers, and N ranks with micro-batch B
+see exactly the views that one process with batch N*B sees.
 """
 from __future__ import annotations
 
@@ -77,8 +79,10 @@ def _split_items(items: Sequence[dict]):
 class ViewCollate:
     """Collate for training: stack the images, then draw each view with its own augmentation."""
 
-    def __init__(self, augments: Sequence[ViewAugment], seed: int = 0, rank: int = 0):
-        self.augments, self.seed, self.rank = list(augments), seed, rank
+    def __init__(self, augments: Sequence[ViewAugment], seed: int = 0, rank: int = 0, world_size: int = 1,
+                 batch_size: int | None = None):
+        self.augments, self.seed, self.rank, self.world_size = list(augments), seed, rank, world_size
+        self.batch_size = batch_size
 
     def __call__(self, items: Sequence[dict]) -> dict:
         good, skipped = _split_items(items)
@@ -87,9 +91,10 @@ class ViewCollate:
             return {"views": [], "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
                     "skipped": skipped, "step": step}
         images = torch.stack([it["image"] for it in good])
-        # a distinct, reproducible stream per (seed, rank, step)
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + step) % (2**63))
-        views = [aug(images, g) for aug in self.augments]
+        # one reproducible stream per (seed, step), shared by all ranks; each keeps its slice
+        bs = self.batch_size or len(items)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
+        views = [aug(images, g, offset=self.rank * bs, total=bs * self.world_size) for aug in self.augments]
         return {"views": views,
                 "label": torch.tensor([it["label"] for it in good]),
                 "index": torch.tensor([it["index"] for it in good]),
@@ -118,7 +123,7 @@ def train_loader(ds: Dataset, batch_size: int, augments: Sequence[ViewAugment], 
                  world_size: int = 1, start_step: int = 0, num_workers: int = 0) -> DataLoader:
     """An endless loader of augmented multi-view batches (see module docstring)."""
     sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step)
-    return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=ViewCollate(augments, seed, rank),
+    return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=ViewCollate(augments, seed, rank, world_size, batch_size),
                       num_workers=num_workers, persistent_workers=num_workers > 0)
 
 

@@ -47,42 +47,51 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, meta: dict, keep_last: int = 2) -> Path:
-    """Write ``state`` (torch-saved) and ``meta`` (JSON) as checkpoint ``step``; keep the last ``keep_last``."""
+def save_checkpoint(run_dir: str | Path, step: int, write, meta: dict, keep_last: int = 2, rank: int = 0,
+                    barrier=None) -> Path:
+    """Write checkpoint ``step`` atomically and keep the last ``keep_last``.
+
+    ``write(tmp_dir)`` is called on every rank to write its part into a shared temporary
+    directory; rank 0 then adds ``meta.json`` and renames the directory to ``step_N``. A process
+    killed before the rename leaves only a ``.tmp-step_N`` directory, which later saves remove;
+    the previous checkpoints stay complete.
+    """
+    barrier = barrier or (lambda: None)
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
-    _fsync_dir(tmp)
-    if final.exists():  # same step saved again (e.g. a resumed run ending where it started)
-        old = root / f".old-step_{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    if keep_last > 0:
-        for _, p in list_checkpoints(run_dir)[:-keep_last]:
+    tmp = root / f".tmp-step_{step}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for p in root.glob(".tmp-step_*"):  # leftovers of killed saves
             shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-step_*"):  # leftovers of killed saves
-        if p != tmp and not _pid_alive(p.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(p, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    write(tmp)
+    barrier()
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
+        _fsync_tree(tmp)
+        if final.exists():  # same step saved again (a resumed run ending where it started)
+            old = root / f".old-step_{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            for _, p in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(p, ignore_errors=True)
+    barrier()
     return final
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+def read_meta(path: str | Path) -> dict:
     path = Path(path)
-    if not (path / "meta.json").is_file() or not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' is incomplete or missing (needs state.pt and meta.json)")
-    meta = json.loads((path / "meta.json").read_text())
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    return state, meta
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' is incomplete or missing (no meta.json)")
+    return json.loads((path / "meta.json").read_text())
 
 
 def save_weights(path: str | Path, state_dict: dict, metadata: dict[str, str]) -> None:
@@ -119,11 +128,15 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            try:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+    _fsync_dir(path)

@@ -30,6 +30,7 @@ class ModelConfig:
     width: int = 64  # ResNet base width (64 = standard)
     patch_size: int = 4  # ViTs
     channels_last: bool = True
+    global_bn: bool = True  # batch-norm statistics over all ranks (SimCLR's global BN)
 
 
 @dataclass
@@ -64,6 +65,12 @@ class ProbeConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    config: str = ""  # DeepSpeed JSON; empty = launch/ds_configs/zero{zero_stage}.json
+    zero_stage: int = -1  # -1 = as the JSON says (0 when no JSON is given)
+
+
+@dataclass
 class RunConfig:
     objective: str = "byol"
     data: str = "mnist5k"
@@ -85,6 +92,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # per-objective sections, filled from the objective registry (name -> Config instance)
     objectives: dict = field(default_factory=dict)
 
@@ -95,7 +103,8 @@ class RunConfig:
 
 CHOICES = {
     "precision": ("fp32", "bf16"),
-    "engine": ("plain",),
+    "engine": ("plain", "deepspeed"),
+    "deepspeed.zero_stage": (-1, 0, 1, 2, 3),
     "model.stem": ("cifar", "imagenet"),
     "model.norm": ("bn", "gn_ws"),
     "optim.name": ("sgd", "adamw", "lars"),

@@ -81,3 +81,184 @@ class PlainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.micro_step = int(state.get("micro_step", 0))
+
+    def save(self, directory, client_state: dict) -> None:
+        """Write model, optimizer, schedule and ``client_state`` into ``directory/state.pt``."""
+        from pathlib import Path
+
+        torch.save({"engine": self.state_dict(), "client": client_state}, Path(directory) / "state.pt")
+
+    def load(self, directory) -> dict:
+        from pathlib import Path
+
+        path = Path(directory) / "state.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint '{directory}' has no state.pt (was it written by another engine?)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.load_state_dict(state["engine"])
+        return state["client"]
+
+    def full_state_dict(self, checkpoint_dir=None) -> dict:
+        return self.module.state_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed. This file is the only place that imports deepspeed.
+
+DS_CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "launch" / "ds_configs"
+
+
+def init_distributed(engine: str) -> tuple[int, int]:
+    """Start the process group for ``engine`` (no-op for ``plain``); returns (rank, world_size).
+
+    Under the ``deepspeed`` launcher the rank and world size come from its environment; on
+    machines without a GPU the backend is gloo.
+    """
+    if engine != "deepspeed":
+        return 0, 1
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def ds_config(path: str, zero_stage: int | None, micro_batch: int, grad_accum: int, world_size: int,
+              grad_clip: float) -> dict:
+    """Read a DeepSpeed JSON config and derive its batch fields from the recipe.
+
+    ``train_batch_size = micro_batch * grad_accum * world_size``; a JSON that states other batch
+    values is an error, since the recipe is the single source of them.
+    """
+    import json
+    from pathlib import Path
+
+    stage = 0 if zero_stage is None else zero_stage
+    p = Path(path) if path else DS_CONFIGS / f"zero{stage}.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config '{p}' does not exist (see {DS_CONFIGS} for examples)")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"DeepSpeed config '{p}' is not valid JSON: {exc}") from None
+    derived = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+               "train_batch_size": micro_batch * grad_accum * world_size}
+    for k, v in derived.items():
+        if k in cfg and cfg[k] not in (v, "auto"):
+            raise ValueError(f"DeepSpeed config '{p}': {k}={cfg[k]} disagrees with the recipe ({k}={v}, from "
+                             f"batch_size={micro_batch}, optim.grad_accum={grad_accum}, world size {world_size}); "
+                             f"remove it from the JSON or set it to \"auto\"")
+        cfg[k] = v
+    if zero_stage is not None and path:
+        cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
+    if grad_clip > 0:
+        cfg["gradient_clipping"] = grad_clip
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def zero_stage_of(cfg: dict) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+class DeepSpeedEngine:
+    """The same interface as :class:`PlainEngine`, backed by ``deepspeed.initialize``.
+
+    The client optimizer and LR schedule are handed to DeepSpeed, which steps them at
+    gradient-accumulation boundaries. With ``precision=bf16`` and no ``bf16`` section in the
+    JSON, the forward runs under autocast with fp32 master weights (as the plain engine does);
+    a JSON with ``"bf16": {"enabled": true}`` uses DeepSpeed's own bf16 mode instead, and float
+    inputs are cast to bf16.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, schedule, config: dict, precision: str = "fp32"):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.schedule = schedule
+        self.precision = precision
+        self.native_bf16 = bool(config.get("bf16", {}).get("enabled", False))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 lr_scheduler=schedule, config=config)
+        self.module = self.engine.module
+        self.zero_stage = zero_stage_of(config)
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.is_boundary = False
+        self.last_grad_norm = None
+
+    def _cast(self, batch):
+        def cast(v):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v.to(torch.bfloat16)
+            if isinstance(v, list):
+                return [cast(x) for x in v]
+            return v
+
+        return {k: cast(v) for k, v in batch.items()}
+
+    def __call__(self, batch: dict) -> dict:
+        if self.native_bf16:
+            return self.engine(self._cast(batch))
+        with autocast_context(self.precision):
+            return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.is_boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+
+    def train(self, mode: bool = True):
+        self.engine.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.lr
+
+    def save(self, directory, client_state: dict) -> None:
+        """Every rank writes its shards into ``directory`` (a checkpoint's temporary directory)."""
+        self.engine.save_checkpoint(str(directory), tag="ds", client_state=client_state, save_latest=False)
+
+    def load(self, directory) -> dict:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag="ds")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under '{directory}/ds'")
+        return client_state or {}
+
+    def full_state_dict(self, checkpoint_dir=None) -> dict | None:
+        """The whole model's fp32 state dict on rank 0 (None elsewhere), for any ZeRO stage."""
+        if self.zero_stage < 3:
+            return self.module.state_dict() if self.rank == 0 else None
+        if checkpoint_dir is None:
+            raise ValueError("ZeRO-3 export needs the directory of a saved checkpoint")
+        import torch.distributed as dist
+
+        dist.barrier()
+        return consolidate_deepspeed_checkpoint(checkpoint_dir) if self.rank == 0 else None
+
+
+def consolidate_deepspeed_checkpoint(checkpoint_dir) -> dict:
+    """fp32 state dict of a DeepSpeed checkpoint of any ZeRO stage (``<checkpoint_dir>/ds``), in one process."""
+    from pathlib import Path
+
+    ds_dir = Path(checkpoint_dir) / "ds"
+    if not ds_dir.is_dir():
+        raise FileNotFoundError(f"'{checkpoint_dir}' holds no DeepSpeed checkpoint (no ds/ directory)")
+    if list(ds_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in ds_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds"))
+    states = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"'{ds_dir}' holds no model states file")
+    return torch.load(states[0], map_location="cpu", weights_only=False)["module"]

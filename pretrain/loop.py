@@ -12,9 +12,12 @@ import torch
 import data as data_lib
 from models import create_backbone
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
-from .config import RunConfig, save_config, to_dict
-from .engine import PlainEngine
+from losses import all_reduce_mean
+
+from .checkpoint import latest_checkpoint, read_meta, rng_state, save_checkpoint, save_weights, set_rng_state
+from .config import ConfigError, RunConfig, save_config, to_dict
+from .distributed import convert_to_global_bn
+from .engine import DeepSpeedEngine, PlainEngine, ds_config, init_distributed, zero_stage_of
 from .objectives import create_objective
 from .optim import build_optimizer
 from .schedules import LRSchedule
@@ -34,12 +37,23 @@ def build_backbone(cfg: RunConfig, in_chans: int, image_size: int):
     return create_backbone(m.backbone)
 
 
+def uses_channels_last(cfg: RunConfig, channels: int) -> bool:
+    """Whether the run keeps model and inputs in channels_last layout.
+
+    Only for plain-engine runs on multi-channel images: DeepSpeed broadcasts and flattens
+    contiguous parameter buffers, and with torch 2.14 on the CPU a 1-channel channels_last
+    ResNet gets wrong weight gradients (up to 16% off an fp64 reference; see
+    tests/test_models_numerics.py), so single-channel data stays contiguous.
+    """
+    return cfg.model.channels_last and cfg.engine == "plain" and channels > 1
+
+
 def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):
     """Backbone plus objective for a run config and dataset."""
     size = cfg.image_size or info.image_size
     backbone = build_backbone(cfg, info.channels, size)
     objective = create_objective(cfg.objective, backbone, cfg.objective_config)
-    if cfg.model.channels_last:
+    if uses_channels_last(cfg, info.channels):
         objective = objective.to(memory_format=torch.channels_last)
     return objective
 
@@ -117,14 +131,36 @@ def plot_metrics(run_dir: str | Path, key: str = "loss") -> Path | None:
     return out
 
 
-def _scalars(out: dict) -> dict:
-    rec = {}
-    for k, v in out.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            rec[k] = float(v.detach())
-        elif isinstance(v, (int, float)):
-            rec[k] = float(v)
-    return rec
+def _scalars(out: dict, world: int = 1) -> dict:
+    """Scalar outputs as floats, averaged over ranks (every rank must call this together)."""
+    keys = sorted(k for k, v in out.items() if (isinstance(v, torch.Tensor) and v.numel() == 1)
+                  or isinstance(v, (int, float)))
+    vals = torch.tensor([float(out[k].detach()) if isinstance(out[k], torch.Tensor) else float(out[k])
+                         for k in keys], dtype=torch.float64)
+    if world > 1:
+        vals = all_reduce_mean(vals)
+    return {k: float(v) for k, v in zip(keys, vals)}
+
+
+def build_engine(cfg: RunConfig, objective, world_size: int):
+    """Optimizer, LR schedule and the engine named by ``cfg.engine``."""
+    lr = effective_lr(cfg, world_size)
+    optimizer = build_optimizer(objective.param_groups(), cfg.optim.name, lr, cfg.optim.weight_decay,
+                                cfg.optim.momentum, cfg.optim.betas, cfg.optim.lars_eta)
+    schedule = LRSchedule(optimizer, lr, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+    if cfg.engine == "plain":
+        return PlainEngine(objective, optimizer, schedule, cfg.precision, cfg.optim.grad_accum, cfg.optim.grad_clip)
+    stage = None if cfg.deepspeed.zero_stage < 0 else cfg.deepspeed.zero_stage
+    ds_cfg = ds_config(cfg.deepspeed.config, stage, cfg.batch_size, cfg.optim.grad_accum, world_size,
+                       cfg.optim.grad_clip)
+    stage = zero_stage_of(ds_cfg)
+    if stage >= 1 and cfg.optim.name == "lars":
+        raise ConfigError(f"optim.name=lars computes a trust ratio per layer, but ZeRO stage {stage} hands the "
+                          f"optimizer flattened partitions; use deepspeed.zero_stage=0, or optim.name=sgd|adamw")
+    if stage == 3 and getattr(objective, "has_ema_teacher", False):
+        raise ConfigError(f"objective '{cfg.objective}' keeps an EMA teacher, whose update needs the full online "
+                          f"parameters that ZeRO-3 partitions; use deepspeed.zero_stage=0, 1 or 2")
+    return DeepSpeedEngine(objective, optimizer, schedule, ds_cfg, cfg.precision)
 
 
 def fit(cfg: RunConfig, resume: bool = False) -> Path:
@@ -133,61 +169,75 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     With ``resume=True`` the latest checkpoint under ``cfg.run_dir`` is restored (model,
     optimizer, LR schedule, EMA teacher, RNG states and data position) and training goes on
     to ``cfg.max_steps``; the losses continue exactly as in an uninterrupted run.
+    Under ``engine=deepspeed`` every rank runs this function (started by the deepspeed launcher).
     """
     run_dir = Path(cfg.run_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    rank, world = init_distributed(cfg.engine)
+    main = rank == 0
+    barrier = _barrier if world > 1 else None
     torch.manual_seed(cfg.seed)
     train_ds = data_lib.build_dataset(cfg.data, "train", image_size=cfg.image_size or None, seed=cfg.seed)
     info = train_ds.info
     objective = build_model(cfg, info)
-    optimizer = build_optimizer(objective.param_groups(), cfg.optim.name, effective_lr(cfg), cfg.optim.weight_decay,
-                                cfg.optim.momentum, cfg.optim.betas, cfg.optim.lars_eta)
-    schedule = LRSchedule(optimizer, effective_lr(cfg), cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-    engine = PlainEngine(objective, optimizer, schedule, cfg.precision, cfg.optim.grad_accum, cfg.optim.grad_clip)
+    if world > 1 and cfg.model.global_bn:
+        objective = convert_to_global_bn(objective)
+    engine = build_engine(cfg, objective, world)
 
     start = 0
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise RunError(f"--resume: no checkpoint found under '{run_dir / 'checkpoints'}'")
-        state, meta = load_checkpoint(ckpt)
-        engine.load_state_dict(state["engine"])
+        meta = read_meta(ckpt)
+        if meta.get("engine", "plain") != cfg.engine:
+            raise RunError(f"--resume: checkpoint '{ckpt}' was written by engine={meta.get('engine')}, "
+                           f"this run uses engine={cfg.engine}")
+        client = engine.load(ckpt)
         if hasattr(objective, "load_state_dict_extra"):
-            objective.load_state_dict_extra(state.get("objective_extra", {}))
-        set_rng_state(state["rng"])
+            objective.load_state_dict_extra(client.get("objective_extra", {}))
+        rngs = client.get("rng", {})
+        if str(rank) in rngs:
+            set_rng_state(rngs[str(rank)])
         start = int(meta["step"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
 
     accum = cfg.optim.grad_accum
     loader = data_lib.train_loader(train_ds, cfg.batch_size, view_augments(cfg, objective, info), seed=cfg.seed,
-                                   start_step=start * accum, num_workers=cfg.num_workers)
-    logger = MetricsLogger(run_dir, resume_step=start)
+                                   rank=rank, world_size=world, start_step=start * accum,
+                                   num_workers=cfg.num_workers)
+    logger = MetricsLogger(run_dir, resume_step=start) if main else None
     skips = data_lib.SkipCounter()
-    channels_last = cfg.model.channels_last
+    channels_last = uses_channels_last(cfg, info.channels)
 
-    def checkpoint(step: int) -> None:
-        state = {"engine": engine.state_dict(), "rng": rng_state(),
-                 "objective_extra": objective.state_dict_extra() if hasattr(objective, "state_dict_extra") else {}}
-        save_checkpoint(run_dir, step, state, {"config": to_dict(cfg), "world_size": engine.world_size,
-                                               "objective": cfg.objective}, keep_last=cfg.keep_last)
+    def checkpoint(step: int) -> Path:
+        rngs = _gather_objects(rng_state(), world)
+        client = {"rng": {str(r): s for r, s in enumerate(rngs)},
+                  "objective_extra": objective.state_dict_extra() if hasattr(objective, "state_dict_extra") else {}}
+        return save_checkpoint(run_dir, step, lambda d: engine.save(d, client),
+                               {"config": to_dict(cfg), "world_size": world, "engine": cfg.engine,
+                                "objective": cfg.objective}, keep_last=cfg.keep_last, rank=rank, barrier=barrier)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.objective}", disable=not cfg.progress,
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.objective}", disable=not (cfg.progress and main),
                dynamic_ncols=True)
     engine.train()
     it = iter(loader)
     t0, seen = time.perf_counter(), 0
+    end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
+    last_ckpt = None
     try:
-        end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
         for step in range(start, end):
             for _ in range(accum):
                 batch = next(it)
                 skips.update(batch)
                 if not batch["views"] or batch["views"][0].shape[0] < 2:
-                    continue  # every file of this batch was unreadable
+                    raise RunError(f"step {step}: fewer than 2 readable images in the batch "
+                                   f"({len(batch['skipped'])} unreadable); check the data")
                 if channels_last:
                     batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
                 out = engine(batch)
@@ -197,29 +247,53 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                                    f"(now {cfg.optim.lr}) or use precision=fp32")
                 engine.backward(loss)
                 engine.step()
-                seen += batch["views"][0].shape[0]
+                seen += batch["views"][0].shape[0] * world
             objective.on_step_end(step, cfg.max_steps)
             done = step + 1
             bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
-                dt = time.perf_counter() - t0
-                rec = {"step": done, **_scalars(out), "lr": engine.lr, "images_per_s": seen / max(dt, 1e-9),
-                       "skipped_files": skips.count}
-                logger.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.max_steps:
-                checkpoint(done)
-        checkpoint(end)
+            if done % cfg.log_every == 0 or done == end or done == start + 1:
+                rec = _scalars(out, world)
+                if main:
+                    dt = time.perf_counter() - t0
+                    rec = {"step": done, **rec, "lr": engine.lr, "images_per_s": seen / max(dt, 1e-9),
+                           "skipped_files": skips.count}
+                    logger.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != end:
+                last_ckpt = checkpoint(done)
+        last_ckpt = checkpoint(end)
     finally:
         bar.close()
-        logger.close()
-    save_weights(run_dir / "weights.safetensors", objective.state_dict(),
-                 {"objective": cfg.objective, "backbone": cfg.model.backbone, "format": "ssl-pretrain/1",
-                  "config": json.dumps(to_dict(cfg))})
-    plot_metrics(run_dir, "loss")
-    summary = {"steps": end, "max_steps": cfg.max_steps, "skipped_files": skips.count, "skipped": sorted(skips.files),
-               "wall_s": round(time.perf_counter() - t0, 2)}
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    if skips.count:
-        print(f"skipped {skips.count} unreadable file(s); see {run_dir / 'train_summary.json'}")
+        if logger is not None:
+            logger.close()
+    state = engine.full_state_dict(last_ckpt)
+    if main:
+        save_weights(run_dir / "weights.safetensors", state,
+                     {"objective": cfg.objective, "backbone": cfg.model.backbone, "format": "ssl-pretrain/1",
+                      "config": json.dumps(to_dict(cfg))})
+        plot_metrics(run_dir, "loss")
+        summary = {"steps": end, "max_steps": cfg.max_steps, "world_size": world, "engine": cfg.engine,
+                   "skipped_files": skips.count, "skipped": sorted(skips.files),
+                   "wall_s": round(time.perf_counter() - t0, 2)}
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        if skips.count:
+            print(f"skipped {skips.count} unreadable file(s); see {run_dir / 'train_summary.json'}")
+    if barrier:
+        barrier()
     return run_dir
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _gather_objects(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

@@ -14,7 +14,7 @@ from eval_probes import extract_features, knn_probe, linear_probe
 from .checkpoint import load_weights
 from .config import RunConfig, build_config
 from .engine import autocast_context
-from .loop import RunError, build_model
+from .loop import RunError, build_model, uses_channels_last
 
 PROBES = ("linear", "knn")
 
@@ -40,7 +40,7 @@ def _embed_fn(model, cfg: RunConfig):
 
     def embed(batch):
         x = batch["image"]
-        if cfg.model.channels_last:
+        if uses_channels_last(cfg, x.shape[1]):
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(cfg.precision):
             return model.embed({**batch, "image": x}).float()

@@ -100,3 +100,14 @@ def test_sampler_rank_sharding():
     for _ in range(7):  # crosses an epoch boundary (5 steps per epoch)
         ia, ib, ic = next(a), next(b), next(c)
         assert [i for _, i in ia] + [i for _, i in ib] == [i for _, i in ic]
+
+
+def test_ranks_see_the_views_of_one_process():
+    """2 ranks with micro-batch 8 get exactly the views one process gets with batch 16."""
+    ds = D.build_dataset("digits", "train")
+    augs = [D.ViewAugment(s, ds.info.mean, ds.info.std) for s in D.view_specs("simclr", 8, color=False, flip=False)]
+    one = next(iter(D.train_loader(ds, 16, augs, seed=2, start_step=3)))
+    parts = [next(iter(D.train_loader(ds, 8, augs, seed=2, rank=r, world_size=2, start_step=3))) for r in (0, 1)]
+    for v in range(2):
+        assert torch.equal(torch.cat([p["views"][v] for p in parts]), one["views"][v])
+    assert torch.equal(torch.cat([p["index"] for p in parts]), one["index"])

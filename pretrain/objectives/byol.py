@@ -37,6 +37,7 @@ class BYOL(Objective):
     """
 
     view_recipe = "byol"
+    has_ema_teacher = True
 
     def __init__(self, backbone: nn.Module, cfg: ByolConfig):
         super().__init__(backbone)

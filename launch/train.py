@@ -1,0 +1,17 @@
+"""Entry point for the deepspeed launcher.
+
+    deepspeed --num_gpus 2 launch/train.py --recipe launch/recipes/simclr_mnist5k.yaml engine=deepspeed
+    deepspeed --hostfile launch/hostfile.example launch/train.py --recipe ... engine=deepspeed deepspeed.zero_stage=2
+
+Takes the same arguments as ``pretrain fit`` (``--recipe``, ``--resume RUN_DIR``, ``key=value``).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pretrain.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    sys.exit(main(["fit", *args]))
