@@ -1,0 +1,103 @@
+"""Real 2-rank DeepSpeed launches on the CPU (gloo), against one plain process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_helpers import find_free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+# Same global batch (2 x 16 = 32) and seed, fp32. The LR is small because these tiny BN nets amplify
+# float rounding chaotically at large steps (one process with 1 vs 2 threads drifts apart just as much);
+# at this LR the losses still move by 1-5% over the steps compared, so a wrong gradient would show.
+TINY = ["data=digits", "image_size=16", "model.width=8", "precision=fp32", "log_every=1", "progress=false",
+        "optim.name=sgd", "optim.lr=0.001", "optim.warmup_steps=0", "byol.proj_hidden=64", "byol.pred_hidden=64",
+        "byol.base_momentum=0.9", "simclr.proj_dim=32"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(*args, ranks=2, check=True):
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(find_free_port()), "launch/train.py", *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+    if check and r.returncode != 0:
+        raise AssertionError(f"deepspeed run failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def plain(*args):
+    r = subprocess.run([sys.executable, "-m", "pretrain", "fit", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env=_env())
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def losses(run):
+    return [json.loads(ln)["loss"] for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def recipe(objective):
+    return ["--recipe", f"launch/recipes/{objective}_mnist5k.yaml"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One-process runs (batch 32) of each objective, the yardstick for the 2-rank runs."""
+    out = {}
+    for obj in ("byol", "simclr"):
+        run = tmp_path_factory.mktemp("ref") / obj
+        plain(*recipe(obj), *TINY, "batch_size=32", "max_steps=6", f"run_dir={run}")
+        out[obj] = losses(run)
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("objective", ["byol", "simclr"])
+def test_two_ranks_match_one_process(tmp_path, reference, objective, stage):
+    run = tmp_path / "ds"
+    launch(*recipe(objective), *TINY, "batch_size=16", "max_steps=6", "engine=deepspeed",
+           f"deepspeed.zero_stage={stage}", f"run_dir={run}")
+    got, ref = losses(run), reference[objective]
+    assert len(got) == len(ref) == 6
+    for a, b in zip(got, ref):
+        assert a == pytest.approx(b, rel=1e-4)
+    meta = json.loads((run / "checkpoints" / "step_6" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["engine"] == "deepspeed" and meta["step"] == 6
+    assert (run / "weights.safetensors").is_file()
+
+
+def test_deepspeed_resume_continues_the_same_losses(tmp_path):
+    common = [*recipe("byol"), *TINY, "batch_size=16", "max_steps=8", "engine=deepspeed", "deepspeed.zero_stage=2"]
+    launch(*common, f"run_dir={tmp_path / 'straight'}")
+    launch(*common, f"run_dir={tmp_path / 'stopped'}", "stop_at=4")
+    assert len(losses(tmp_path / "stopped")) == 4
+    launch("--resume", str(tmp_path / "stopped"))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert len(b) == 8
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-6, abs=1e-7)
+
+
+def test_zero3_simclr_runs_and_exports(tmp_path):
+    run = tmp_path / "z3"
+    launch(*recipe("simclr"), *TINY, "batch_size=16", "max_steps=3", "engine=deepspeed", "deepspeed.zero_stage=3",
+           f"run_dir={run}")
+    r = subprocess.run([sys.executable, "-m", "pretrain", "probe", "--run", str(run), "--probe", "knn", "--quiet",
+                        "--no-baselines"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "simclr (resnet18, trained)" in r.stdout
+
+
+def test_refusals_are_clear(tmp_path):
+    r = launch(*recipe("byol"), *TINY, "batch_size=16", "max_steps=2", "engine=deepspeed", "deepspeed.zero_stage=3",
+               f"run_dir={tmp_path / 'a'}", check=False)
+    assert r.returncode != 0 and "keeps an EMA teacher" in r.stderr + r.stdout
+    r = launch(*recipe("simclr"), *TINY, "batch_size=16", "max_steps=2", "engine=deepspeed", "deepspeed.zero_stage=2",
+               "optim.name=lars", f"run_dir={tmp_path / 'b'}", check=False)
+    assert r.returncode != 0 and "optim.name=lars computes a trust ratio per layer" in r.stderr + r.stdout
