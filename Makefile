@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.step_throughput
 	$(BIN)/python -m benchmarks.probe_speed
 
 clean:

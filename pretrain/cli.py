@@ -57,6 +57,14 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_weights
+
+    out = export_weights(args.run, args.step, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_list(args) -> int:
     from data import list_datasets
     from models import list_backbones
@@ -103,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("overrides", nargs="*", metavar="key=value")
     d.set_defaults(fn=_cmd_demo)
+
+    ex = sub.add_parser("export", help="consolidate a checkpoint (plain or any DeepSpeed ZeRO stage) into "
+                                       "weights.safetensors")
+    ex.add_argument("--run", required=True, metavar="RUN_DIR")
+    ex.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ex.add_argument("--out", help="output file (default: RUN_DIR/weights.safetensors)")
+    ex.set_defaults(fn=_cmd_export)
 
     ls = sub.add_parser("list", help="list objectives, backbones, datasets and recipes")
     ls.set_defaults(fn=_cmd_list)

@@ -92,6 +92,16 @@ def test_zero3_simclr_runs_and_exports(tmp_path):
                         "--no-baselines"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "simclr (resnet18, trained)" in r.stdout
+    # consolidating the partitioned checkpoint offline gives the weights the run exported
+    from safetensors.torch import load_file
+    import torch
+
+    r = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(run), "--out", str(tmp_path / "x.st")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "x.st")), load_file(str(run / "weights.safetensors"))
+    params = [k for k in b if "running" not in k and "num_batches" not in k]
+    assert params and all(torch.equal(a[k], b[k]) for k in params)
 
 
 def test_refusals_are_clear(tmp_path):
