@@ -117,7 +117,8 @@ def load_weights(path: str | Path) -> tuple[dict, dict]:
     return load_file(str(path)), meta
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file or directory entry to disk (best effort: some filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -128,15 +129,11 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+_fsync_dir = _fsync
+
+
 def _fsync_tree(path: Path) -> None:
     for p in path.rglob("*"):
         if p.is_file():
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-    _fsync_dir(path)
+            _fsync(p)
+    _fsync(path)
