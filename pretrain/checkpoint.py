@@ -79,7 +79,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write, meta: dict, keep_last
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync(root)
         if keep_last > 0:
             for _, p in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -127,9 +127,6 @@ def _fsync(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
-
-
-_fsync_dir = _fsync
 
 
 def _fsync_tree(path: Path) -> None:

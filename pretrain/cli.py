@@ -17,7 +17,7 @@ def _cmd_fit(args) -> int:
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
-            raise _user_error(f"--resume: '{run}' is not a run directory (no config.yaml)")
+            raise _UserError(f"--resume: '{run}' is not a run directory (no config.yaml)")
         cfg = load_config(run / "config.yaml", ["stop_at=0", *args.overrides, f"run_dir={run}"])
     else:
         cfg = load_config(args.recipe, args.overrides)
@@ -79,11 +79,7 @@ def _cmd_list(args) -> int:
 
 
 class _UserError(Exception):
-    pass
-
-
-def _user_error(msg: str) -> _UserError:
-    return _UserError(msg)
+    """A command-line mistake; printed as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,27 @@ def autocast_context(precision: str, device_type: str = "cpu"):
     raise ValueError(f"unknown precision '{precision}'; valid: fp32, bf16")
 
 
-class PlainEngine:
+class _EngineBase:
+    """What every engine shares: train/eval switching of the wrapped network and the current LR."""
+
+    world_size = 1
+    rank = 0
+    _net: nn.Module
+    schedule = None
+
+    def train(self, mode: bool = True):
+        self._net.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.lr
+
+
+class PlainEngine(_EngineBase):
     """Single-process engine with gradient accumulation, clipping and bf16 autocast.
 
     ``step()`` is called after every micro-batch; the optimizer and the LR schedule advance only
@@ -32,15 +52,13 @@ class PlainEngine:
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.module, self.optimizer, self.schedule = model, optimizer, schedule
+        self._net = model
         self.precision, self.grad_accum, self.grad_clip = precision, grad_accum, grad_clip
         self.device = torch.device(device)
         self.micro_step = 0
         self.is_boundary = False
         self.last_grad_norm: float | None = None
         autocast_context(precision)  # validate early
-
-    world_size = 1
-    rank = 0
 
     def __call__(self, batch: dict) -> dict:
         with autocast_context(self.precision, self.device.type):
@@ -60,17 +78,6 @@ class PlainEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    @property
-    def lr(self) -> float:
-        return self.schedule.lr
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -165,7 +172,7 @@ def zero_stage_of(cfg: dict) -> int:
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_EngineBase):
     """The same interface as :class:`PlainEngine`, backed by ``deepspeed.initialize``.
 
     The client optimizer and LR schedule are handed to DeepSpeed, which steps them at
@@ -185,6 +192,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=schedule, config=config)
         self.module = self.engine.module
+        self._net = self.engine
         self.zero_stage = zero_stage_of(config)
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
@@ -213,17 +221,6 @@ class DeepSpeedEngine:
     def step(self) -> None:
         self.is_boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-
-    def train(self, mode: bool = True):
-        self.engine.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    @property
-    def lr(self) -> float:
-        return self.schedule.lr
 
     def save(self, directory, client_state: dict) -> None:
         """Every rank writes its shards into ``directory`` (a checkpoint's temporary directory)."""

@@ -19,13 +19,27 @@ from .loop import RunError, build_model, uses_channels_last
 PROBES = ("linear", "knn")
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, torch.nn.Module]:
-    """Rebuild a run's objective from ``config.yaml`` and load ``weights.safetensors`` into it."""
+def run_datasets(cfg: RunConfig):
+    """The run's (train, test) datasets, built once and shared by every probe row."""
+    size = cfg.image_size or None
+    return data_lib.build_dataset(cfg.data, "train", image_size=size), data_lib.build_dataset(cfg.data, "test",
+                                                                                             image_size=size)
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"'{run_dir}' is not a run directory (no config.yaml)")
-    cfg = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    info = data_lib.build_dataset(cfg.data, "test", image_size=cfg.image_size or None).info
+    return build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def load_run(run_dir: str | Path, cfg: RunConfig | None = None,
+             info: data_lib.DatasetInfo | None = None) -> tuple[RunConfig, torch.nn.Module]:
+    """Rebuild a run's objective from ``config.yaml`` and load ``weights.safetensors`` into it."""
+    run_dir = Path(run_dir)
+    cfg = cfg or read_run_config(run_dir)
+    if info is None:
+        info = data_lib.build_dataset(cfg.data, "test", image_size=cfg.image_size or None).info
     model = build_model(cfg, info)
     state, _ = load_weights(run_dir / "weights.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -52,14 +66,12 @@ def _pixels(batch):
     return batch["image"].flatten(1)
 
 
-def probe_features(cfg: RunConfig, embed, probes=PROBES, progress: bool = True, desc: str = "") -> dict:
-    """Run the requested probes on ``embed``'s features of the run's dataset."""
+def probe_features(cfg: RunConfig, embed, datasets, probes=PROBES, progress: bool = True, desc: str = "") -> dict:
+    """Run the requested probes on ``embed``'s features of ``datasets`` = (train, test)."""
     bad = [p for p in probes if p not in PROBES]
     if bad:
         raise ValueError(f"unknown probe '{bad[0]}'; valid probes: {', '.join(PROBES)}, all")
-    size = cfg.image_size or None
-    train = data_lib.build_dataset(cfg.data, "train", image_size=size)
-    test = data_lib.build_dataset(cfg.data, "test", image_size=size)
+    train, test = datasets
     side = cfg.image_size or train.info.image_size
     xtr, ytr = extract_features(embed, data_lib.eval_loader(train, side), desc=f"{desc} train", progress=progress)
     xte, yte = extract_features(embed, data_lib.eval_loader(test, side), desc=f"{desc} test", progress=progress)
@@ -74,18 +86,20 @@ def probe_features(cfg: RunConfig, embed, probes=PROBES, progress: bool = True, 
 def probe_run(run_dir: str | Path, probes=PROBES, baselines: bool | None = None, progress: bool = True) -> dict:
     """Probe a run and its baselines; writes ``probes.json`` and ``probes.md`` into the run directory."""
     run_dir = Path(run_dir)
-    cfg, model = load_run(run_dir)
+    cfg = read_run_config(run_dir)
+    datasets = run_datasets(cfg)
+    info = datasets[1].info
+    cfg, model = load_run(run_dir, cfg, info)
     baselines = cfg.probe.baselines if baselines is None else baselines
     rows = {}
     rows[f"{cfg.objective} ({cfg.model.backbone}, trained)"] = probe_features(
-        cfg, _embed_fn(model, cfg), probes, progress, desc=cfg.objective)
+        cfg, _embed_fn(model, cfg), datasets, probes, progress, desc=cfg.objective)
     if baselines:
-        torch.manual_seed(cfg.seed)
-        info = data_lib.build_dataset(cfg.data, "test", image_size=cfg.image_size or None).info
+        torch.manual_seed(cfg.seed)  # the initialisation the trained run started from
         random_model = build_model(cfg, info)
         rows[f"{cfg.model.backbone}, random init"] = probe_features(
-            cfg, _embed_fn(random_model, cfg), probes, progress, desc="random-init")
-        rows["raw pixels"] = probe_features(cfg, _pixels, probes, progress, desc="pixels")
+            cfg, _embed_fn(random_model, cfg), datasets, probes, progress, desc="random-init")
+        rows["raw pixels"] = probe_features(cfg, _pixels, datasets, probes, progress, desc="pixels")
     result = {"run": str(run_dir), "data": cfg.data, "seed": cfg.seed, "rows": rows}
     (run_dir / "probes.json").write_text(json.dumps(result, indent=1, default=float))
     table = format_table(rows, probes)

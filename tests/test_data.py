@@ -80,7 +80,6 @@ def test_colour_views_and_solarize():
     spec = D.ViewSpec(size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0, jitter_p=0, grayscale_p=0,
                       blur_p=0, solarize_p=1.0)
     aug = D.ViewAugment(spec, (0.0,), (1.0,))
-    x = torch.tensor([0, 64, 200, 255], dtype=torch.uint8).repeat(2, 1, 2, 1)  # [2,1,2,4] -> resized
     img = torch.full((1, 1, 8, 8), 200, dtype=torch.uint8)
     out = aug(img, torch.Generator().manual_seed(0))
     assert torch.allclose(out, torch.full_like(out, 1 - 200 / 255), atol=1e-5)  # solarized above 0.5
@@ -89,7 +88,6 @@ def test_colour_views_and_solarize():
     rgb = torch.randint(0, 255, (3, 3, 8, 8), dtype=torch.uint8)
     g = D.ViewAugment(spec, (0, 0, 0), (1, 1, 1))(rgb, torch.Generator().manual_seed(0))
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
-    del x
 
 
 def test_sampler_rank_sharding():

@@ -51,11 +51,6 @@ class BYOL(Objective):
     def trainable_modules(self):
         return [self.backbone, self.projector, self.predictor]
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # the target keeps computing batch statistics like the online network (as in the paper)
-        return self
-
     def forward(self, batch: dict) -> dict:
         v1, v2 = batch["views"][:2]
         n = v1.shape[0]
