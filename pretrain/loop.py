@@ -233,9 +233,14 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
             for _ in range(accum):
                 batch = next(it)
                 skips.update(batch)
-                if not batch["views"] or batch["views"][0].shape[0] < 2:
-                    raise RunError(f"step {step}: fewer than 2 readable images in the batch "
-                                   f"({len(batch['skipped'])} unreadable); check the data")
+                drawn = 1
+                while not batch["views"] or batch["views"][0].shape[0] < 2:  # (nearly) all files unreadable
+                    if drawn >= 100:
+                        raise RunError(f"step {step}: 100 batches in a row had fewer than 2 readable images "
+                                       f"({skips.count} unreadable files so far); check the data")
+                    batch = next(it)
+                    skips.update(batch)
+                    drawn += 1
                 if channels_last:
                     batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
                 out = engine(batch)

@@ -97,3 +97,20 @@ def test_list_and_help():
     h = pretrain("--help").stdout
     for sub in ("fit", "probe", "demo", "list"):
         assert sub in h
+
+
+def test_batch_of_only_corrupt_files_is_skipped_not_fatal(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+        for i in range(8):
+            (root / c / f"bad{i}.png").write_bytes(b"broken")
+    run = tmp_path / "run"
+    pretrain("fit", "--recipe", "launch/recipes/simclr_folder.yaml", f"data=folder:{root}", "image_size=16",
+             "model.width=8", "batch_size=2", "max_steps=6", "precision=fp32", "progress=false", f"run_dir={run}",
+             "simclr.proj_dim=16")
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["skipped_files"] >= 4
