@@ -80,3 +80,30 @@ def test_unknown_objective_and_option():
         create_objective("simclrr", _tiny_backbone())
     with pytest.raises(TypeError, match="objective 'simclr' has no option 'bogus'"):
         create_objective("simclr", _tiny_backbone(), bogus=1)
+
+
+@pytest.mark.parametrize("head_norm", ["ln", "bn"])
+def test_byol_gn_ws_uses_no_batch_statistics(head_norm):
+    """With gn_ws + head_norm=ln no layer looks at other samples: a sample's prediction computed alone
+    equals the one computed inside a batch (with BN heads it does not, which shows the check bites)."""
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", in_chans=1, width=8, norm="gn_ws")
+    obj = create_objective("byol", backbone, proj_hidden=32, proj_dim=16, pred_hidden=32, head_norm=head_norm)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in obj.modules())
+    assert has_bn == (head_norm == "bn")
+    obj.train()
+    x = torch.randn(6, 1, 16, 16)
+    with torch.no_grad():
+        together = obj.predictor(obj.projector(obj.backbone.forward_pooled(x)))
+        alone = torch.cat([obj.predictor(obj.projector(obj.backbone.forward_pooled(x[i:i + 2])))[:1]
+                           for i in range(0, 6, 2)])
+    same = torch.allclose(together[::2], alone, atol=1e-5)
+    assert same == (head_norm == "ln")
+    opt = torch.optim.SGD(obj.param_groups(), lr=0.05)
+    for step in range(3):
+        out = obj(_batch())
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        obj.on_step_end(step, 3)
+        assert torch.isfinite(out["loss"])

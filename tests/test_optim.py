@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from pretrain.objectives import create_objective, list_objectives
 from pretrain.optim import LARS, build_optimizer
 from pretrain.schedules import LRSchedule, warmup_cosine
 
@@ -52,3 +53,36 @@ def test_warmup_cosine():
     s2 = LRSchedule(opt, 2.0, 20, 0)
     s2.load_state_dict(s.state_dict())
     assert s2.lr == pytest.approx(s.lr)
+
+
+@pytest.mark.parametrize("name", list_objectives())
+def test_lars_for_every_objective_excludes_biases_and_norms(name):
+    """LARS works with any objective's param groups: 1-d parameters (biases, norm scales) get neither
+    the trust ratio nor weight decay, matrices and kernels get both."""
+    from models import create_backbone
+
+    torch.manual_seed(0)
+    obj = create_objective(name, create_backbone("resnet18", in_chans=1, width=8), proj_hidden=32, proj_dim=16)
+    opt = build_optimizer(obj.param_groups(), "lars", lr=0.1, weight_decay=0.5, momentum=0.9, lars_eta=0.01)
+    assert isinstance(opt, LARS)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p.ndim <= 1:
+                assert g["lars_exclude"] and g["weight_decay"] == 0.0
+            else:
+                assert not g["lars_exclude"] and g["weight_decay"] == 0.5
+    before = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.full_like(p, 0.01)
+    opt.step()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            step = before[id(p)] - p.detach()
+            if g["lars_exclude"]:  # plain SGD: first momentum buffer is the gradient
+                assert torch.allclose(step, torch.full_like(p, 0.1 * 0.01), atol=1e-7)
+            else:
+                grad = 0.01 + 0.5 * before[id(p)]
+                pn, gn = before[id(p)].norm(), grad.norm()
+                trust = 0.01 * pn / gn if pn > 0 and gn > 0 else 1.0
+                assert torch.allclose(step, 0.1 * trust * grad, atol=1e-6)

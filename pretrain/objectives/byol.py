@@ -20,6 +20,9 @@ class ByolConfig:
     pred_hidden: int = 4096
     base_momentum: float = 0.996  # EMA momentum at step 0, raised to final_momentum on a cosine
     final_momentum: float = 1.0
+    # Norm of the projector / predictor hidden layers: bn (the paper), ln, or none. With
+    # model.norm=gn_ws and head_norm=ln no layer uses batch statistics (Richemond et al. 2020).
+    head_norm: str = "bn"
 
 
 def cosine_momentum(step: int, max_steps: int, base: float, final: float = 1.0) -> float:
@@ -42,8 +45,10 @@ class BYOL(Objective):
     def __init__(self, backbone: nn.Module, cfg: ByolConfig):
         super().__init__(backbone)
         self.cfg = cfg
-        self.projector = MLPHead(backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm="bn")
-        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, norm="bn")
+        if cfg.head_norm not in ("bn", "ln", "none"):
+            raise ValueError(f"byol.head_norm must be bn, ln or none; got {cfg.head_norm!r}")
+        self.projector = MLPHead(backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm)
+        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm)
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
         self.momentum = cfg.base_momentum
