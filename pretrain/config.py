@@ -107,6 +107,7 @@ CHOICES = {
     "deepspeed.zero_stage": (-1, 0, 1, 2, 3),
     "model.stem": ("cifar", "imagenet"),
     "model.norm": ("bn", "gn_ws"),
+    "byol.head_norm": ("bn", "ln", "none"),
     "optim.name": ("sgd", "adamw", "lars"),
     "aug.views": ("", "byol", "simclr"),
 }
