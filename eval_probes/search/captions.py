@@ -105,8 +105,9 @@ def skeletonize(mask: np.ndarray) -> np.ndarray:
 def digit_attributes(images, threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Stroke thickness, slant and size of digit images, measured from the pixels.
 
-    - ``thickness`` (pixels): ink area / skeleton length, i.e. the mean stroke width (a stroke
-      of width w and length L covers about w*L pixels and thins to L pixels).
+    - ``thickness`` (pixels): the mean stroke width from ink area and skeleton length. A stroke
+      of width t and length L covers t*L pixels and thins (Zhang-Suen) to about L - t pixels, so
+      t solves ``t * (skeleton + t) = ink``.
     - ``slant`` (degrees, positive = top leans right): the shear of the intensity-weighted
       second moments, ``atan(-mu11 / mu02)`` with rows growing downwards.
     - ``height``, ``width`` (pixels): bounding box of the ink; ``area`` = height * width as a
@@ -125,7 +126,10 @@ def digit_attributes(images, threshold: float = 0.5) -> dict[str, np.ndarray]:
     mask = x >= threshold
     skel = skeletonize(mask)
     ink = mask.sum(axis=(1, 2)).astype(np.float32)
-    thickness = ink / np.maximum(skel.sum(axis=(1, 2)), 1).astype(np.float32)
+    # Thinning shortens a stroke by about half its width at each of its two ends, so
+    # ink = t * (skeleton + t); solve the quadratic for the mean stroke width t.
+    length = skel.sum(axis=(1, 2)).astype(np.float32)
+    thickness = 0.5 * (np.sqrt(length * length + 4.0 * ink) - length)
 
     rows, cols = np.mgrid[:h, :w].astype(np.float32)
     total = np.maximum(x.sum(axis=(1, 2)), 1e-6)
