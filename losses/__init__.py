@@ -7,6 +7,7 @@ from all ranks with :func:`gather_with_grad`). Only ``torch`` is imported.
 
 from .byol import byol_loss
 from .clip import clip_loss
+from .distill import distillation_loss
 from .dist import all_reduce_mean, gather_with_grad, rank, world_size
 from .nt_xent import nt_xent_loss
 
@@ -14,6 +15,7 @@ __all__ = [
     "byol_loss",
     "nt_xent_loss",
     "clip_loss",
+    "distillation_loss",
     "gather_with_grad",
     "world_size",
     "rank",

@@ -13,6 +13,7 @@ from .resnet import ResNet, WSConv2d
 from .vit import VisionTransformer
 from .heads import MLPHead
 from .ema import ModelEMA, ema_update_, frozen_copy
+from .layer_ids import layer_ids, num_blocks, num_layers
 
 __all__ = [
     "create_backbone",
@@ -21,6 +22,9 @@ __all__ = [
     "MLPHead",
     "ema_update_",
     "frozen_copy",
+    "layer_ids",
+    "num_blocks",
+    "num_layers",
     "ModelEMA",
     "ResNet",
     "VisionTransformer",

@@ -24,7 +24,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .registry import register_backbone
 
-__all__ = ["WSConv2d", "ResNet", "resnet18", "resnet50", "num_groups_for"]
+__all__ = ["WSConv2d", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "num_groups_for"]
 
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
@@ -264,6 +264,21 @@ def resnet18(
     return ResNet(BasicBlock, [2, 2, 2, 2], in_chans, stem, norm, width, zero_init_residual)
 
 
+@register_backbone("resnet34")
+def resnet34(
+    in_chans: int = 3,
+    stem: str = "cifar",
+    norm: str = "bn",
+    width: int = 64,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """ResNet-34 trunk (``BasicBlock``, [3, 4, 6, 3]); ``embed_dim = 512 * width / 64``.
+
+    See :class:`ResNet` for the arguments.
+    """
+    return ResNet(BasicBlock, [3, 4, 6, 3], in_chans, stem, norm, width, zero_init_residual)
+
+
 @register_backbone("resnet50")
 def resnet50(
     in_chans: int = 3,
@@ -277,3 +292,34 @@ def resnet50(
     See :class:`ResNet` for the arguments.
     """
     return ResNet(Bottleneck, [3, 4, 6, 3], in_chans, stem, norm, width, zero_init_residual)
+
+
+@register_backbone("resnet101")
+def resnet101(
+    in_chans: int = 3,
+    stem: str = "cifar",
+    norm: str = "bn",
+    width: int = 64,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """ResNet-101 trunk (``Bottleneck``, [3, 4, 23, 3]); ``embed_dim = 2048 * width / 64``.
+
+    See :class:`ResNet` for the arguments.
+    """
+    return ResNet(Bottleneck, [3, 4, 23, 3], in_chans, stem, norm, width, zero_init_residual)
+
+
+@register_backbone("resnet152")
+def resnet152(
+    in_chans: int = 3,
+    stem: str = "cifar",
+    norm: str = "bn",
+    width: int = 64,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """ResNet-152 trunk (``Bottleneck``, [3, 8, 36, 3]), the depth of SimCLRv2's largest encoder;
+    ``embed_dim = 2048 * width / 64`` (``width=192`` is the paper's 3x wide variant).
+
+    See :class:`ResNet` for the arguments.
+    """
+    return ResNet(Bottleneck, [3, 8, 36, 3], in_chans, stem, norm, width, zero_init_residual)

@@ -1,4 +1,4 @@
-"""The ``pretrain`` command: fit, probe, demo, list."""
+"""The ``pretrain`` command: fit, probe, finetune, distill, export, demo, list."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,18 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from .finetune import cli_finetune
+
+    return cli_finetune(args)
+
+
+def _cmd_distill(args) -> int:
+    from .finetune import cli_distill
+
+    return cli_distill(args)
+
+
 def _cmd_list(args) -> int:
     from data import list_datasets
     from models import list_backbones
@@ -114,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ex.add_argument("--out", help="output file (default: RUN_DIR/weights.safetensors)")
     ex.set_defaults(fn=_cmd_export)
+
+    ft = sub.add_parser("finetune", help="fine-tune a run (SimCLRv2: from the first projection layer) or train "
+                                         "from scratch on a class-balanced labelled subset",
+                        description="Example: pretrain finetune --run runs/simclr_mnist5k --labels 0.01 "
+                                    "--recipe launch/recipes/finetune_mnist5k.yaml")
+    ft.add_argument("--run", metavar="RUN_DIR", help="pretrained run directory ('none' = from scratch)")
+    ft.add_argument("--from-scratch", action="store_true", help="no pretrained run: a new model.* backbone")
+    ft.add_argument("--labels", metavar="FRACTION", help="fraction of each class's train labels, e.g. 0.01, 0.1, 1.0")
+    ft.add_argument("--recipe", help="YAML recipe (see launch/recipes/finetune_*.yaml)")
+    ft.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped fine-tuning run")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. layer_decay=0.7 ema_decay=0.999")
+    ft.set_defaults(fn=_cmd_finetune)
+
+    ds = sub.add_parser("distill", help="distil a fine-tuned run into a (smaller) student on unlabelled images",
+                        description="Example: pretrain distill --teacher runs/simclr_mnist5k-ft1pct --student "
+                                    "resnet18 --recipe launch/recipes/distill_mnist5k.yaml student.width=32")
+    ds.add_argument("--teacher", metavar="RUN_DIR", help="a fine-tuned run (pretrain finetune)")
+    ds.add_argument("--student", metavar="BACKBONE", help="student backbone (default: resnet18); student.width=...")
+    ds.add_argument("--labels", metavar="FRACTION", help="labelled subset for the alpha x cross-entropy term "
+                                                         "(default: the teacher's)")
+    ds.add_argument("--recipe", help="YAML recipe (see launch/recipes/distill_*.yaml)")
+    ds.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped distillation run")
+    ds.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. distill.temperature=2 distill.alpha=0.5")
+    ds.set_defaults(fn=_cmd_distill)
 
     ls = sub.add_parser("list", help="list objectives, backbones, datasets and recipes")
     ls.set_defaults(fn=_cmd_list)
