@@ -345,7 +345,7 @@ PAGE = """<!doctype html>
 </style></head>
 <body>
 <h1>Semantic search</h1>
-<form id="form">
+<form id="form" novalidate>
  <input id="q" name="q" type="search" placeholder="describe what you look for, e.g. a seven written with very thick strokes" autofocus>
  <label>k <input id="k" name="k" type="number" min="1" value="24" style="width:4.5rem"></label>
  <label><input id="rerank" type="checkbox"> re-rank (exact)</label>
