@@ -299,3 +299,15 @@ def test_bad_input_is_one_line_with_exit_code_2(runs, capsys, argv, needle):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, err
     assert needle.format(**fmt) in lines[0] and lines[0].startswith(f"pretrain {argv[0]}: error:")
+
+
+def test_recipes_load():
+    from pretrain.finetune import load_finetune_config
+
+    root = Path(__file__).resolve().parents[1] / "launch" / "recipes"
+    ft = load_finetune_config(root / "finetune_mnist5k.yaml", ["labels=0.01"])
+    assert ft.head_layers == 1 and ft.labels == 0.01 and ft.data == "mnist5k"
+    ds = load_finetune_config(root / "distill_mnist5k.yaml", ["student.width=32"])
+    assert ds.student.backbone == "resnet18" and ds.student.width == 32 and ds.distill.temperature > 0
+    with pytest.raises(ConfigError, match="unknown config key 'distil'"):
+        load_finetune_config(root / "distill_mnist5k.yaml", ["distil.alpha=0.5"])
