@@ -524,8 +524,12 @@ def _train(r: _Run, resume: bool, t_start: float) -> dict:
     for g in groups:
         g.pop("names")
     o = cfg.optim
-    optimizer = build_optimizer(groups, o.name, o.lr, o.weight_decay, o.momentum, o.betas, o.lars_eta)
-    schedule = LRSchedule(optimizer, o.lr, cfg.max_steps, o.warmup_steps, o.min_lr_ratio)
+    lab_batch = min(cfg.batch_size, len(r.labelled_idx))
+    unl_batch = min(cfg.batch_size, len(r.train_ds))
+    batch = lab_batch if r.kind == "finetune" else unl_batch
+    lr = o.lr * batch * o.grad_accum / 256 if o.scale_lr else o.lr  # optim.scale_lr: linear scaling rule
+    optimizer = build_optimizer(groups, o.name, lr, o.weight_decay, o.momentum, o.betas, o.lars_eta)
+    schedule = LRSchedule(optimizer, lr, cfg.max_steps, o.warmup_steps, o.min_lr_ratio)
     engine = PlainEngine(r.task, optimizer, schedule, cfg.precision, o.grad_accum, o.grad_clip)
     ema = ModelEMA(r.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -544,7 +548,6 @@ def _train(r: _Run, resume: bool, t_start: float) -> dict:
 
     augment = _light_augment(r.train_ds.info, r.size, cfg.crop_scale)
     labelled = SubsetDataset(r.train_ds, r.labelled_idx)
-    lab_batch = min(cfg.batch_size, len(labelled))
     accum = o.grad_accum
     lab_loader = None
     if r.kind == "finetune" or cfg.distill.alpha > 0:
@@ -552,7 +555,6 @@ def _train(r: _Run, resume: bool, t_start: float) -> dict:
                                                 start_step=start * accum))
     unl_loader = None
     if r.kind == "distill":
-        unl_batch = min(cfg.batch_size, len(r.train_ds))
         unl_loader = iter(data_lib.train_loader(r.train_ds, unl_batch, [augment], seed=cfg.seed + 1,
                                                 start_step=start * accum))
 
@@ -635,7 +637,7 @@ def _train(r: _Run, resume: bool, t_start: float) -> dict:
         "steps": cfg.max_steps, "resumed_from_step": start or None,
         "train_wall_s": round(train_s, 2), "wall_s": round(time.time() - t_start, 2),
         "backbone": cfg.model.backbone, "params": sum(p.numel() for p in r.model.parameters()),
-        "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay, "optimizer": o.name, "precision": cfg.precision,
+        "batch_size": batch, "lr": lr, "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay, "optimizer": o.name, "precision": cfg.precision,
         **r.extra,
     }
     _write_atomic(r.run_dir / SUMMARY, json.dumps(summary, indent=1))
