@@ -198,6 +198,9 @@ class DeepSpeedEngine(_EngineBase):
         self.rank = dist.get_rank()
         self.is_boundary = False
         self.last_grad_norm = None
+        self.projections = _projections(self.module)
+        if self.zero_stage == 3 and getattr(self.module, "has_ema_teacher", False):
+            self.module.ema_update_fn = _zero3_ema_update
 
     def _cast(self, batch):
         def cast(v):
@@ -242,6 +245,42 @@ class DeepSpeedEngine(_EngineBase):
 
         dist.barrier()
         return consolidate_deepspeed_checkpoint(checkpoint_dir) if self.rank == 0 else None
+
+
+@torch.no_grad()
+def _zero3_ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """``target <- momentum * target + (1 - momentum) * online`` on ZeRO-3 partitioned parameters.
+
+    ZeRO-3 splits every parameter into equal flat shards by its number of elements, so a teacher
+    and a student parameter of the same shape are split alike and each rank can average its own
+    shards (``ds_tensor``) with no communication. Parameters that ZeRO-3 holds whole at this point
+    (small "persistent" ones, and any it kept gathered for reuse) are gathered again from the
+    updated shards, so the next forward sees the new values. Buffers are not partitioned and are
+    copied.
+    """
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    t_params, o_params = list(target.parameters()), list(online.parameters())
+    if len(t_params) != len(o_params):
+        raise ValueError(f"target and online have different numbers of parameters: {len(t_params)} vs {len(o_params)}")
+    for i, (t, o) in enumerate(zip(t_params, o_params)):
+        if not (hasattr(t, "ds_tensor") and hasattr(o, "ds_tensor")):
+            raise ValueError(f"parameter #{i} is not partitioned by ZeRO-3")
+        if tuple(t.ds_shape) != tuple(o.ds_shape) or t.ds_tensor.shape != o.ds_tensor.shape:
+            raise ValueError(f"parameter #{i} differs between target and online: {tuple(t.ds_shape)} vs {tuple(o.ds_shape)}")
+    shards_t = [t.ds_tensor for t in t_params]
+    shards_o = [o.ds_tensor.to(t.dtype) for t, o in zip(shards_t, o_params)]
+    if momentum != 1.0:
+        torch._foreach_lerp_(shards_t, shards_o, 1.0 - momentum)
+    for tb, ob in zip(target.buffers(), online.buffers()):
+        tb.copy_(ob)
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = [t for t in t_params if t.ds_status == ZeroParamStatus.AVAILABLE]
+    if whole:  # drop the stale whole copies, then gather them from the updated shards
+        whole[0].partition(param_list=whole)
+        whole[0].all_gather(param_list=whole)
 
 
 def consolidate_deepspeed_checkpoint(checkpoint_dir) -> dict:

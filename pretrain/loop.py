@@ -155,9 +155,6 @@ def build_engine(cfg: RunConfig, objective, world_size: int):
     if stage >= 1 and cfg.optim.name == "lars":
         raise ConfigError(f"optim.name=lars computes a trust ratio per layer, but ZeRO stage {stage} hands the "
                           f"optimizer flattened partitions; use deepspeed.zero_stage=0, or optim.name=sgd|adamw")
-    if stage == 3 and getattr(objective, "has_ema_teacher", False):
-        raise ConfigError(f"objective '{cfg.objective}' keeps an EMA teacher, whose update needs the full online "
-                          f"parameters that ZeRO-3 partitions; use deepspeed.zero_stage=0, 1 or 2")
     return DeepSpeedEngine(objective, optimizer, schedule, ds_cfg, cfg.precision)
 
 

@@ -41,6 +41,9 @@ class BYOL(Objective):
 
     view_recipe = "byol"
     has_ema_teacher = True
+    # How the teacher is averaged: models.ema_update_ on whole tensors by default; an engine that
+    # partitions parameters (DeepSpeed ZeRO-3) replaces it with an update of the local shards.
+    ema_update_fn = staticmethod(ema_update_)
 
     def __init__(self, backbone: nn.Module, cfg: ByolConfig):
         super().__init__(backbone)
@@ -70,8 +73,8 @@ class BYOL(Objective):
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
-        ema_update_(self.target_backbone, self.backbone, self.momentum)
-        ema_update_(self.target_projector, self.projector, self.momentum)
+        self.ema_update_fn(self.target_backbone, self.backbone, self.momentum)
+        self.ema_update_fn(self.target_projector, self.projector, self.momentum)
         self.momentum = cosine_momentum(step + 1, max_steps, self.cfg.base_momentum, self.cfg.final_momentum)
 
     def state_dict_extra(self) -> dict:
