@@ -198,7 +198,6 @@ class DeepSpeedEngine(_EngineBase):
         self.rank = dist.get_rank()
         self.is_boundary = False
         self.last_grad_norm = None
-        self.projections = _projections(self.module)
         if self.zero_stage == 3 and getattr(self.module, "has_ema_teacher", False):
             self.module.ema_update_fn = _zero3_ema_update
 
