@@ -10,6 +10,7 @@ solarised with p=0.2).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -64,6 +65,42 @@ def view_specs(kind: str, size: int, crop_scale=(0.08, 1.0), color: bool = True,
         if not color:  # brightness and contrast still make sense on grey images
             v.saturation, v.hue, v.grayscale_p = 0.0, 0.0, 0.0
     return [a, b]
+
+
+def multicrop_specs(kind: str, size: int, num_local: int, local_size: int = 0, crop_scale=(0.14, 1.0),
+                    local_crop_scale=(0.05, 0.14), color: bool = True, flip: bool = True,
+                    jitter_strength: float = 1.0) -> list[ViewSpec]:
+    """Multi-crop views (Caron et al. 2020, SwAV, section 3.2): 2 global views plus local ones.
+
+    The two global views are ``view_specs(kind, size, crop_scale, ...)``; each of the
+    ``num_local`` local views copies a global view's recipe (alternating between the two)
+    with a smaller side and a smaller crop area. The paper's ImageNet setting is 2 x 224 px
+    with scale (0.14, 1) and 6 x 96 px with scale (0.05, 0.14).
+
+    Args:
+        kind: ``byol`` or ``simclr`` (the recipe of colour, blur and solarize, see :func:`view_specs`).
+        size: side of the global views in pixels.
+        num_local: number of local views (0 gives the two global views only).
+        local_size: side of the local views; 0 = ``round(size * 96 / 224)`` (at least 4).
+        crop_scale: area fraction range of the global crops.
+        local_crop_scale: area fraction range of the local crops.
+        color, flip, jitter_strength: as in :func:`view_specs`.
+
+    Returns:
+        ``[global_1, global_2, local_1, ..., local_num_local]``.
+    """
+    if num_local < 0:
+        raise ValueError(f"num_local must be >= 0; got {num_local}")
+    local_size = local_size or max(4, round(size * 96 / 224))
+    if not 0 < local_size <= size:
+        raise ValueError(f"local view size must be in [1, {size}] (the global size); got {local_size}")
+    for name, sc in (("crop_scale", crop_scale), ("local_crop_scale", local_crop_scale)):
+        if len(sc) != 2 or not 0 < sc[0] <= sc[1] <= 1:
+            raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1; got {tuple(sc)}")
+    glob = view_specs(kind, size, crop_scale=crop_scale, color=color, flip=flip, jitter_strength=jitter_strength)
+    local = [dataclasses.replace(glob[i % 2], size=local_size, crop_scale=tuple(local_crop_scale))
+             for i in range(num_local)]
+    return glob + local
 
 
 class _Draw:

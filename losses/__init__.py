@@ -10,12 +10,15 @@ from .clip import clip_loss
 from .distill import distillation_loss
 from .dist import all_reduce_mean, gather_with_grad, rank, world_size
 from .nt_xent import nt_xent_loss
+from .swav import sinkhorn, swav_loss
 
 __all__ = [
     "byol_loss",
     "nt_xent_loss",
     "clip_loss",
     "distillation_loss",
+    "sinkhorn",
+    "swav_loss",
     "gather_with_grad",
     "world_size",
     "rank",

@@ -51,8 +51,12 @@ class OptimConfig:
 @dataclass
 class AugConfig:
     views: str = ""  # byol | simclr; empty = the objective's own recipe
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # of the (global) views
     jitter_strength: float = 1.0
+    # multi-crop (SwAV): small local views after the 2 global ones, for objectives that use them
+    local_views: int = -1  # -1 = the objective's default (0 for objectives without multi-crop)
+    local_size: int = 0  # 0 = round(global size * 96 / 224)
+    local_crop_scale: tuple[float, float] = (0.05, 0.14)
 
 
 @dataclass

@@ -40,6 +40,12 @@ class _EngineBase:
         return self.schedule.lr
 
 
+def _projections(model: nn.Module) -> list:
+    """The model's ``param_projections()`` (see :class:`pretrain.objectives.Objective`), or none."""
+    fn = getattr(model, "param_projections", None)
+    return list(fn()) if fn is not None else []
+
+
 class PlainEngine(_EngineBase):
     """Single-process engine with gradient accumulation, clipping and bf16 autocast.
 
@@ -58,6 +64,7 @@ class PlainEngine(_EngineBase):
         self.micro_step = 0
         self.is_boundary = False
         self.last_grad_norm: float | None = None
+        self.projections = _projections(model)
         autocast_context(precision)  # validate early
 
     def __call__(self, batch: dict) -> dict:
@@ -78,6 +85,9 @@ class PlainEngine(_EngineBase):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+        with torch.no_grad():
+            for p, fn in self.projections:
+                p.copy_(fn(p))
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -198,6 +208,7 @@ class DeepSpeedEngine(_EngineBase):
         self.rank = dist.get_rank()
         self.is_boundary = False
         self.last_grad_norm = None
+        self.projections = _projections(self.module)
         if self.zero_stage == 3 and getattr(self.module, "has_ema_teacher", False):
             self.module.ema_update_fn = _zero3_ema_update
 
@@ -223,6 +234,33 @@ class DeepSpeedEngine(_EngineBase):
     def step(self) -> None:
         self.is_boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
+        if self.is_boundary and self.projections:
+            self._project()
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """Apply the model's parameter projections to the parameters the optimizer updates.
+
+        Under ZeRO 1-2 and DeepSpeed's bf16 mode the optimizer steps an fp32 master copy and
+        copies it into the module after each step, so projecting only the module's tensor would
+        be undone by the next step: the master copy is projected and the module's copy set from
+        it. Under ZeRO-3 the parameter is gathered for the edit and partitioned again. Without
+        a master copy (ZeRO-0 in fp32) the module's tensor is the one the optimizer updates.
+        """
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        for p, fn in self.projections:
+            ctx = (deepspeed.zero.GatheredParameters([p], modifier_rank=0) if hasattr(p, "ds_id")
+                   else contextlib.nullcontext())
+            with ctx:
+                master = safe_get_full_fp32_param(p)  # a collective where the master is partitioned
+                if master is None:
+                    p.copy_(fn(p))
+                    continue
+                new = fn(master.float()).to(master.dtype)
+                safe_set_full_fp32_param(p, new)
+                p.copy_(new.to(p.dtype))
 
     def save(self, directory, client_state: dict) -> None:
         """Every rank writes its shards into ``directory`` (a checkpoint's temporary directory)."""

@@ -57,10 +57,25 @@ def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):
 
 
 def view_augments(cfg: RunConfig, objective, info: data_lib.DatasetInfo) -> list[data_lib.ViewAugment]:
+    """The augmentation of each view the objective takes: its two views, plus local views
+    (``aug.local_views``, default the objective's own count) for objectives with multi-crop."""
     size = cfg.image_size or info.image_size
     kind = cfg.aug.views or objective.view_recipe
-    specs = data_lib.view_specs(kind, size, crop_scale=cfg.aug.crop_scale, color=info.color, flip=info.flip,
-                                jitter_strength=cfg.aug.jitter_strength)
+    a = cfg.aug
+    n_local = objective.local_views if a.local_views < 0 else a.local_views
+    if not objective.multi_crop:
+        if n_local > 0:
+            raise ConfigError(f"aug.local_views={n_local}: objective '{cfg.objective}' does not take local views "
+                              f"(multi-crop); set aug.local_views=0 or -1")
+        specs = data_lib.view_specs(kind, size, crop_scale=a.crop_scale, color=info.color, flip=info.flip,
+                                    jitter_strength=a.jitter_strength)
+    else:
+        try:
+            specs = data_lib.multicrop_specs(kind, size, n_local, a.local_size, crop_scale=a.crop_scale,
+                                             local_crop_scale=a.local_crop_scale, color=info.color, flip=info.flip,
+                                             jitter_strength=a.jitter_strength)
+        except ValueError as exc:
+            raise ConfigError(f"aug (local_views={n_local}, local_size={a.local_size}): {exc}") from None
     return [data_lib.ViewAugment(s, info.mean, info.std) for s in specs]
 
 
@@ -179,6 +194,8 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     if world > 1 and cfg.model.global_bn:
         objective = convert_to_global_bn(objective)
     engine = build_engine(cfg, objective, world)
+    accum = cfg.optim.grad_accum
+    objective.on_train_start(steps_per_epoch=len(train_ds) // (cfg.batch_size * world) / accum)
 
     start = 0
     if resume:
@@ -191,7 +208,9 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                            f"this run uses engine={cfg.engine}")
         client = engine.load(ckpt)
         if hasattr(objective, "load_state_dict_extra"):
-            objective.load_state_dict_extra(client.get("objective_extra", {}))
+            # per-rank state (e.g. SwAV's queue) where saved; older checkpoints hold rank 0's only
+            extra = client.get("objective_extra_by_rank", {}).get(str(rank), client.get("objective_extra", {}))
+            objective.load_state_dict_extra(extra)
         rngs = client.get("rng", {})
         if str(rank) in rngs:
             set_rng_state(rngs[str(rank)])
@@ -200,7 +219,6 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    accum = cfg.optim.grad_accum
     loader = data_lib.train_loader(train_ds, cfg.batch_size, view_augments(cfg, objective, info), seed=cfg.seed,
                                    rank=rank, world_size=world, start_step=start * accum,
                                    num_workers=cfg.num_workers)
@@ -210,8 +228,11 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
 
     def checkpoint(step: int) -> Path:
         rngs = _gather_objects(rng_state(), world)
-        client = {"rng": {str(r): s for r, s in enumerate(rngs)},
-                  "objective_extra": objective.state_dict_extra() if hasattr(objective, "state_dict_extra") else {}}
+        # only rank 0's client state is written under DeepSpeed, so per-rank objective state is gathered
+        extras = _gather_objects(objective.state_dict_extra() if hasattr(objective, "state_dict_extra") else {},
+                                 world)
+        client = {"rng": {str(r): s for r, s in enumerate(rngs)}, "objective_extra": extras[0],
+                  "objective_extra_by_rank": {str(r): e for r, e in enumerate(extras)}}
         return save_checkpoint(run_dir, step, lambda d: engine.save(d, client),
                                {"config": to_dict(cfg), "world_size": world, "engine": cfg.engine,
                                 "objective": cfg.objective}, keep_last=cfg.keep_last, rank=rank, barrier=barrier)

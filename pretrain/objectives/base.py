@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,10 @@ class Objective(nn.Module):
 
     view_recipe: str = "simclr"
     num_views: int = 2
+    # multi-crop (SwAV): whether forward() takes small local views after the 2 global ones
+    # (``batch["views"][2:]``), and how many the loader draws unless ``aug.local_views`` says otherwise
+    multi_crop: bool = False
+    local_views: int = 0
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -27,8 +31,22 @@ class Objective(nn.Module):
         """Return ``{"loss": scalar with grad, "<part>_loss": detached, ...}``."""
         raise NotImplementedError
 
+    def on_train_start(self, steps_per_epoch: float) -> None:
+        """Called once before training (and before a resume restores state), with the number of
+        optimizer steps one pass over the training set takes. Default: nothing."""
+
     def on_step_end(self, step: int, max_steps: int) -> None:
-        """Called after each optimizer step (EMA teachers, prototype normalisation). Default: nothing."""
+        """Called after each optimizer step (EMA teachers, step counters). Default: nothing."""
+
+    def param_projections(self) -> list[tuple[nn.Parameter, Callable[[Tensor], Tensor]]]:
+        """``(parameter, fn)`` pairs: after every optimizer step the engine replaces the parameter
+        by ``fn(parameter)`` (e.g. SwAV's unit-norm prototypes).
+
+        The engine applies them to the parameters the optimizer really updates (under DeepSpeed
+        the fp32 master copy as well as the module's copy), which an ``on_step_end`` editing the
+        module's tensors could not. Default: none.
+        """
+        return []
 
     def trainable_modules(self) -> list[nn.Module]:
         """Modules whose parameters the optimizer updates (teachers excluded)."""
