@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--encoder", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--fraction", type=float, default=0.3)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--examples", type=int, default=5, help="example images per query for the image baseline")
     ap.add_argument("--work-dir", default="runs/search_mnist5k")

@@ -161,7 +161,7 @@ def add_parsers(ss) -> None:
     a.add_argument("--captions", required=True, metavar="CAPTIONS.jsonl")
     a.add_argument("--out", required=True, metavar="HEAD_DIR")
     a.add_argument("--text-encoder", default="minilm", choices=list_text_encoders())
-    a.add_argument("--epochs", type=_positive(int, "--epochs"), default=40)
+    a.add_argument("--epochs", type=_positive(int, "--epochs"), default=20)
     a.add_argument("--out-dim", type=_positive(int, "--out-dim"), default=128)
     a.add_argument("--hidden-dim", type=_positive(int, "--hidden-dim"), default=512)
     a.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=256)

@@ -61,7 +61,7 @@ class AlignConfig:
     text_encoder: str = "minilm"
     out_dim: int = 128
     hidden_dim: int = 512
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
