@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from . import SearchError
 
 __all__ = ["EmbeddingStore", "embed_dataset", "load_encoder", "register_encoder", "list_encoders",
-           "register_run_loader", "LoadedEncoder", "dataset_items", "write_json_atomic"]
+           "register_run_loader", "LoadedEncoder", "dataset_items", "write_json_atomic", "write_embeddings",
+           "prepare_images"]
 
 FORMAT = 1
 DTYPES = ("float16", "float32")
@@ -336,6 +337,40 @@ def embed_dataset(
         warnings.warn(f"{skipped} unreadable image(s) were left out of the embeddings", stacklevel=2)
     meta["complete"] = True
     write_json_atomic(out / "meta.json", meta)
+    return EmbeddingStore(out)
+
+
+def write_embeddings(out_dir: str | os.PathLike, ids: np.ndarray, vectors: np.ndarray, dtype: str = "float32",
+                     shard_size: int = 65536, items: Optional[Sequence[dict]] = None,
+                     meta_extra: Optional[dict] = None) -> "EmbeddingStore":
+    """Write embeddings computed elsewhere (``ids [N]``, ``vectors [N, D]``) as an ``EMB_DIR``.
+
+    The directory is assembled under a temporary name and renamed into place.
+    """
+    if dtype not in DTYPES:
+        raise SearchError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if vectors.ndim != 2 or len(ids) != len(vectors):
+        raise SearchError(f"vectors must be [N, D] with one id each; got {tuple(vectors.shape)} and {len(ids)} ids")
+    out = Path(out_dir)
+    if out.exists():
+        raise SearchError(f"'{out}' exists; write embeddings to a new directory")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    num_shards = max(1, (len(ids) + shard_size - 1) // shard_size)
+    for s in range(num_shards):
+        lo, hi = s * shard_size, (s + 1) * shard_size
+        np.save(tmp / _shard_name(s), np.asarray(vectors[lo:hi], dtype=dtype))
+        np.save(tmp / _ids_name(s), ids[lo:hi])
+    with open(tmp / "items.jsonl", "w") as f:
+        for it in items if items is not None else ({"id": int(i), "path": None, "label": None} for i in ids):
+            f.write(json.dumps(it) + "\n")
+    meta = {"format": FORMAT, "dim": int(vectors.shape[1]), "dtype": dtype, "count": int(len(ids)),
+            "shard_size": int(shard_size), "num_shards": num_shards, "complete": True,
+            "encoder": {"kind": "external", "name": None, "run_dir": None}, "data": {}}
+    meta.update(meta_extra or {})
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, out)
     return EmbeddingStore(out)
 
 
