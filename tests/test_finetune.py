@@ -309,5 +309,7 @@ def test_recipes_load():
     assert ft.head_layers == 1 and ft.labels == 0.01 and ft.data == "mnist5k"
     ds = load_finetune_config(root / "distill_mnist5k.yaml", ["student.width=32"])
     assert ds.student.backbone == "resnet18" and ds.student.width == 32 and ds.distill.temperature > 0
+    vit = load_finetune_config(root / "finetune_vit.yaml")
+    assert vit.optim.name == "adamw" and 0 < vit.layer_decay < 1 and vit.ema_decay > 0
     with pytest.raises(ConfigError, match="unknown config key 'distil'"):
         load_finetune_config(root / "distill_mnist5k.yaml", ["distil.alpha=0.5"])
