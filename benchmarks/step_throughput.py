@@ -2,11 +2,13 @@
 lightly's building blocks, in one run.
 
 Both sides train the same ResNet-18 (CIFAR stem, 3x32x32 inputs) with the same heads, batch,
-dtype, optimizer (SGD) and thread count; only the objective code differs. Each case runs in a
-fresh subprocess so that peak RSS belongs to that case alone.
+dtype, optimizer (SGD) and thread count; only the objective code differs. SwAV uses multi-crop:
+2 x 32 px global plus 4 x 16 px local crops, 512 prototypes. Each case runs in a fresh
+subprocess so that peak RSS belongs to that case alone.
 
-    python -m benchmarks.step_throughput            # full table (several minutes on 2 cores)
-    python -m benchmarks.step_throughput --quick    # batch 64 only, fewer steps
+    python -m benchmarks.step_throughput                  # full table (several minutes on 2 cores)
+    python -m benchmarks.step_throughput --quick          # batch 64 only, fewer steps
+    python -m benchmarks.step_throughput --methods swav   # only the named methods (byol, simclr, swav)
 """
 from __future__ import annotations
 
@@ -20,9 +22,17 @@ import time
 import torch
 
 
-def _views(batch: int):
+METHODS = ("byol", "simclr", "swav")
+SWAV_LOCAL_VIEWS, SWAV_LOCAL_SIZE, SWAV_PROTOTYPES = 4, 16, 512
+
+
+def _views(batch: int, method: str = "simclr"):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, 3, 32, 32, generator=g), torch.randn(batch, 3, 32, 32, generator=g)]
+    views = [torch.randn(batch, 3, 32, 32, generator=g), torch.randn(batch, 3, 32, 32, generator=g)]
+    if method == "swav":  # multi-crop: the local crops at their own, smaller size
+        views += [torch.randn(batch, 3, SWAV_LOCAL_SIZE, SWAV_LOCAL_SIZE, generator=g)
+                  for _ in range(SWAV_LOCAL_VIEWS)]
+    return views
 
 
 def _ours(method: str, batch: int, precision: str):
@@ -33,13 +43,14 @@ def _ours(method: str, batch: int, precision: str):
     from pretrain.schedules import LRSchedule
     from data import DatasetInfo
 
-    cfg = load_config(None, [f"objective={method}", f"precision={precision}", "optim.name=sgd"])
+    swav = ["swav.proj_hidden=512", f"swav.num_prototypes={SWAV_PROTOTYPES}", "swav.freeze_prototypes_steps=0"]
+    cfg = load_config(None, [f"objective={method}", f"precision={precision}", "optim.name=sgd", *swav])
     info = DatasetInfo("bench", 3, 32, 10, (0.5,) * 3, (0.5,) * 3)
     obj = build_model(cfg, info)
     opt = build_optimizer(obj.param_groups(), "sgd", 0.05, 1e-5)
     engine = PlainEngine(obj, opt, LRSchedule(opt, 0.05, 1000, 0), precision)
     cl = uses_channels_last(cfg, 3)
-    views = [v.contiguous(memory_format=torch.channels_last) if cl else v for v in _views(batch)]
+    views = [v.contiguous(memory_format=torch.channels_last) if cl else v for v in _views(batch, method)]
 
     def step(i):
         out = engine({"views": views})
@@ -61,7 +72,7 @@ def _lightly(method: str, batch: int, precision: str):
     from models import create_backbone
 
     backbone = create_backbone("resnet18", in_chans=3, stem="cifar")
-    views = _views(batch)
+    views = _views(batch, method)
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
     if method == "byol":
         proj = BYOLProjectionHead(512, 4096, 256)
@@ -85,6 +96,22 @@ def _lightly(method: str, batch: int, precision: str):
             m = cosine_schedule(i, 1000, 0.996, 1.0)
             update_momentum(backbone, bb_m, m)
             update_momentum(proj, proj_m, m)
+    elif method == "swav":
+        from lightly.loss import SwaVLoss
+        from lightly.models.modules.heads import SwaVProjectionHead, SwaVPrototypes
+
+        proj = SwaVProjectionHead(512, 512, 128)
+        protos = SwaVPrototypes(128, SWAV_PROTOTYPES)
+        params = [*backbone.parameters(), *proj.parameters(), *protos.parameters()]
+        crit = SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
+
+        def loss_fn():  # as lightly's SwaV example: prototypes normalised, then one pass per crop
+            protos.normalize()
+            out = [protos(torch.nn.functional.normalize(proj(backbone(v).flatten(1)), dim=1)) for v in views]
+            return crit(out[:2], out[2:])
+
+        def after(i):
+            pass
     else:
         proj = SimCLRProjectionHead(512, 512, 128, num_layers=3)
         params = [*backbone.parameters(), *proj.parameters()]
@@ -146,18 +173,25 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated methods to time (default: all of {', '.join(METHODS)})")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:  # child process: one case, JSON on stdout
         impl, method, batch, precision, steps = args.case.split(",")
         print(json.dumps(run_case(impl, method, int(batch), precision, int(steps))))
         return
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        ap.error(f"--methods: unknown method {bad[0]!r}; valid: {', '.join(METHODS)}" if bad
+                 else f"--methods: name at least one of {', '.join(METHODS)}")
     batches = (64,) if args.quick else (64, 256)
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak: "
           f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     rows = []
-    for method in ("byol", "simclr"):
+    for method in methods:
         for batch in batches:
             for precision in ("fp32", "bf16"):
                 steps = 2 if args.quick else (3 if batch >= 256 else 5)

@@ -244,3 +244,38 @@ def test_swav_resume_with_queue_is_exact(tmp_path):
     assert [r["prototypes_frozen"] for r in a] == [1, 1, 1] + [0] * 7
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7), ra["step"]
+
+
+def _deepspeed_worker(rank, world_size, stage):
+    """2-rank DeepSpeed SwAV: after each step the optimizer's fp32 master prototypes are unit-norm."""
+    import os
+
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    os.environ["LOCAL_RANK"] = str(rank)  # what the deepspeed launcher sets
+
+    from pretrain.engine import DeepSpeedEngine, ds_config
+    from pretrain.optim import build_optimizer
+
+    torch.manual_seed(0)
+    obj = create_objective("swav", create_backbone("resnet18", in_chans=1, width=8), proj_hidden=32, proj_dim=16,
+                           num_prototypes=10, freeze_prototypes_steps=0)
+    opt = build_optimizer(obj.param_groups(), "sgd", 0.5, 1e-3)
+    engine = DeepSpeedEngine(obj, opt, LRSchedule(opt, 0.5, 100, 0), ds_config("", stage, 4, 1, world_size, 0.0))
+    w0 = safe_get_full_fp32_param(obj.prototypes.weight).clone()
+    for step in range(3):
+        out = engine(_multicrop_batch(4, 10 * step + rank))
+        engine.backward(out["loss"])
+        engine.step()
+        obj.on_step_end(step, 100)
+    master = safe_get_full_fp32_param(obj.prototypes.weight)
+    return {"w0": w0, "master": master}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_projects_the_master_prototypes(stage):
+    res = run_distributed(_deepspeed_worker, world_size=2, args=(stage,), timeout_s=300)
+    for r in res:
+        assert torch.allclose(r["master"].norm(dim=1), torch.ones(10), atol=1e-5)
+        assert not torch.allclose(r["master"], r["w0"], atol=1e-3)  # the prototypes did train
+    assert torch.equal(res[0]["master"], res[1]["master"])
