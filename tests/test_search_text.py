@@ -114,6 +114,22 @@ def test_classname_captions_hold_only_the_class(mnist):
                                                                          "six", "seven", "eight", "nine")}
 
 
+def test_folder_datasets_get_class_name_captions(tmp_path):
+    from PIL import Image
+
+    for c in ("cats", "dogs"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / c / f"{i}.png")
+    ds = build_dataset(f"folder:{tmp_path}", "train", image_size=8)
+    recs = caption_dataset(ds, f"folder:{tmp_path}", "train", 1.0, seed=0)  # auto -> classname
+    assert len(recs) == len(ds) == 8
+    assert {r["captioner"] for r in recs} == {"classname"}
+    assert sorted({r["caption"] for r in recs}) == ["an image of cats", "an image of dogs"]
+    with pytest.raises(CaptionError, match="--captioner classname for image folders"):
+        caption_dataset(ds, f"folder:{tmp_path}", "train", 1.0, captioner="mnist")
+
+
 def test_caption_errors(mnist, tmp_path):
     with pytest.raises(CaptionError, match="fraction"):
         caption_dataset(mnist, "mnist5k", "train", 1.5)

@@ -355,7 +355,7 @@ class DigitCaptioner(Captioner):
 
 @register_captioner("classname")
 class ClassNameCaptioner(Captioner):
-    """Captions that hold only the class name ("the digit seven", "an image of a cat")."""
+    """Captions that hold only the class name ("the digit seven"; "an image of cats" for a folder 'cats')."""
 
     name = "classname"
 
@@ -368,7 +368,7 @@ class ClassNameCaptioner(Captioner):
         out = []
         for i in np.asarray(indices, dtype=np.int64):
             label = int(labels[i])
-            text = f"the digit {DIGIT_WORDS[label]}" if digits else f"an image of a {names[label]}"
+            text = f"the digit {DIGIT_WORDS[label]}" if digits else f"an image of {names[label]}"
             out.append({"id": int(i), "caption": text, "label": label})
         return out
 
