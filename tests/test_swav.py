@@ -156,6 +156,8 @@ def test_loop_draws_the_objectives_views():
     cfg = load_config(overrides=["objective=swav", "data=digits", "image_size=16", "aug.local_size=20"])
     with pytest.raises(ConfigError, match="local view size must be in"):
         view_augments(cfg, obj, info)
+    with pytest.raises(ValueError, match="swav.temperature must be > 0; got 0"):
+        create_objective("swav", create_backbone("resnet18", in_chans=1, width=8), temperature=0.0)
 
 
 def _multicrop_batch(n, seed):
