@@ -19,7 +19,7 @@ against:
 
     flock /tmp/heavy.lock python -m benchmarks.search_mnist5k [--image-size 96] [--seed 0]
 
-Embeddings are cached in ``--work-dir`` (resumable); results go to ``WORK_DIR/results.json``.
+Embeddings are cached in ``--work-dir`` (resumable); results go to ``WORK_DIR/results_seed{SEED}.json``.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
               "align_metrics": {k: h.info["metrics"] for k, h in heads.items()},
               "ivfpq_params": indexes["aligned_ivfpq"].meta["params"], "times": times,
               "torch_threads": torch.get_num_threads(), "summary": summary, "queries": rows}
-    (work / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    (work / f"results_seed{args.seed}.json").write_text(json.dumps(result, indent=1, default=float))
     print(format_tables(result))
     return result
 
