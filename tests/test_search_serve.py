@@ -231,8 +231,7 @@ def test_missing_file_is_404(folder_server):
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium "
                                                           f"chromium-driver; .ci/run does it)")
 def test_browser_types_a_query_and_sees_result_images(mnist_server):
-    pytest.importorskip("selenium", reason="selenium is in the test extra: pip install -e '.[test]'")
-    from selenium import webdriver
+    from selenium import webdriver  # the test extra; only a missing browser is a reason to skip
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
