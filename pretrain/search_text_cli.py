@@ -127,8 +127,15 @@ def _cmd_queries(args) -> int:
 def _cmd_serve(args) -> int:
     from eval_probes.search.serve import serve
 
-    serve(_need_dir("--index", args.index), host=args.host, port=args.port, max_k=args.max_k,
-          candidates=args.candidates, quiet=args.quiet)
+    from eval_probes.search.serve import make_server
+
+    index = _need_dir("--index", args.index)
+    try:  # bind first, so that a busy port is a one-line error
+        server = make_server(index, host=args.host, port=args.port, max_k=args.max_k, candidates=args.candidates,
+                             quiet=args.quiet)
+    except OSError as exc:
+        raise TextCliError(f"--port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+    serve(server=server)
     return 0
 
 

@@ -273,3 +273,18 @@ def test_browser_types_a_query_and_sees_result_images(mnist_server):
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_serve_cli_busy_port_is_one_line(mnist_index, capsys):
+    import socket
+
+    from pretrain.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        rc = main(["search", "serve", "--index", str(mnist_index["index"]), "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"pretrain search serve: error: --port: cannot listen on 127.0.0.1:{port}")

@@ -312,10 +312,11 @@ def make_server(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
     return server
 
 
-def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, max_k: int = 100,
-          candidates: Optional[int] = None, quiet: bool = False) -> None:
-    """Serve until interrupted (``pretrain search serve``)."""
-    server = make_server(index_dir, host, port, max_k, candidates, quiet)
+def serve(index_dir: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8000, max_k: int = 100,
+          candidates: Optional[int] = None, quiet: bool = False, server: ThreadingHTTPServer | None = None) -> None:
+    """Serve until interrupted (``pretrain search serve``); ``server`` is one from :func:`make_server`."""
+    if server is None:
+        server = make_server(index_dir, host, port, max_k, candidates, quiet)
     h, p = server.server_address[:2]
     info = server.service.info()
     print(f"serving a '{info['kind']}' index of {info['count']} items "
