@@ -90,10 +90,10 @@ def multicrop_specs(kind: str, size: int, num_local: int, local_size: int = 0, c
         ``[global_1, global_2, local_1, ..., local_num_local]``.
     """
     if num_local < 0:
-        raise ValueError(f"num_local must be >= 0; got {num_local}")
+        raise ValueError(f"local_views must be >= 0; got {num_local}")
     local_size = local_size or max(4, round(size * 96 / 224))
     if not 0 < local_size <= size:
-        raise ValueError(f"local view size must be in [1, {size}] (the global size); got {local_size}")
+        raise ValueError(f"local_size must be in [1, {size}] (the global views' size); got {local_size}")
     for name, sc in (("crop_scale", crop_scale), ("local_crop_scale", local_crop_scale)):
         if len(sc) != 2 or not 0 < sc[0] <= sc[1] <= 1:
             raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1; got {tuple(sc)}")

@@ -75,7 +75,7 @@ def view_augments(cfg: RunConfig, objective, info: data_lib.DatasetInfo) -> list
                                              local_crop_scale=a.local_crop_scale, color=info.color, flip=info.flip,
                                              jitter_strength=a.jitter_strength)
         except ValueError as exc:
-            raise ConfigError(f"aug (local_views={n_local}, local_size={a.local_size}): {exc}") from None
+            raise ConfigError(f"aug.{exc}") from None  # the message names the field
     return [data_lib.ViewAugment(s, info.mean, info.std) for s in specs]
 
 
