@@ -119,11 +119,13 @@ def default_params(kind: str, n: int, dim: int, refine: Optional[str] = None) ->
     if kind == "hnsw":
         return {"M": 32, "ef_construction": 80, "ef_search": 128}
     nl = _nlist(n)
-    p: Dict[str, Any] = {"nlist": nl, "nprobe": max(8, min(nl, nl // 32))}
+    # nprobe ~ nlist / 128 and k_factor 16: on 1M and 10M clustered 256-d vectors
+    # (benchmarks/search_scale.py) recall@10 stopped rising beyond nprobe 16 but needed k_factor 16
+    p: Dict[str, Any] = {"nlist": nl, "nprobe": max(8, min(nl, nl // 128))}
     if kind == "ivfpq":
         # 8-bit codebooks want ~39 x 256 training vectors; small sets get smaller codebooks
         nbits = int(min(8, max(4, math.floor(math.log2(max(n, 16) / 39)))))
-        p.update({"m": _pq_m(dim), "nbits": nbits, "refine": refine or "sq8", "k_factor": 8})
+        p.update({"m": _pq_m(dim), "nbits": nbits, "refine": refine or "sq8", "k_factor": 16})
     return p
 
 
