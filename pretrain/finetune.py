@@ -38,7 +38,7 @@ from torch import nn
 
 import data as data_lib
 from losses import distillation_loss
-from models import MLPHead, ModelEMA, create_backbone, layer_ids, list_backbones, num_layers
+from models import MLPHead, ModelEMA, layer_ids, list_backbones, num_layers
 
 from .checkpoint import latest_checkpoint, load_weights, read_meta, rng_state, save_checkpoint, save_weights, \
     set_rng_state
