@@ -17,7 +17,7 @@ against:
   split that satisfy the same criterion; the mean over 5 examples per query);
 - re-ranking: a compressed IVF-PQ index (no refine stage) with and without ``--rerank exact``.
 
-    flock /tmp/heavy.lock python -m benchmarks.search_mnist5k [--image-size 96] [--seed 0]
+    python -m benchmarks.search_mnist5k [--image-size 96] [--seed 0]
 
 Embeddings are cached in ``--work-dir`` (resumable); results go to ``WORK_DIR/results_seed{SEED}.json``.
 """

@@ -15,8 +15,8 @@ The index is the one ``pretrain search build --index auto --memory-budget BUDGET
 loaded back with ``SearchIndex``; then ``nprobe`` and the refine ``k_factor`` are swept, and the
 fastest setting reaching the target recall@10 is reported beside exact search.
 
-    flock /tmp/heavy.lock python -m benchmarks.search_scale --n 1000000
-    flock /tmp/heavy.lock python -m benchmarks.search_scale --n 10000000
+    python -m benchmarks.search_scale --n 1000000
+    python -m benchmarks.search_scale --n 10000000
 """
 from __future__ import annotations
 
