@@ -11,7 +11,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pretrain.cli import main  # noqa: E402
+from pretrain.engine import shutdown_distributed  # noqa: E402
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    sys.exit(main(["fit", *args]))
+    code = main(["fit", *args])
+    if code == 0:  # after a failure the launcher stops the other ranks; a barrier here could wait for them
+        shutdown_distributed()
+    sys.exit(code)

@@ -142,6 +142,34 @@ def init_distributed(engine: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """End a launcher job cleanly on every rank: wait for all ranks, remove this rank's shared-memory
+    all-reduce buffer, and destroy the process group.
+
+    DeepSpeed's CPU communication backend maps a ~66 MB buffer per rank under ``/dev/shm``
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never removes it, so every job
+    would leave RAM-backed files behind until the machine runs out of shared memory. A rank that
+    exits with communication threads still alive can also abort at shutdown.
+    """
+    import glob
+    import os
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # every rank has finished its last collective; the mapped buffers stay valid when unlinked
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if addr and port and local_rank is not None:
+        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{local_rank}"):
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
+    dist.destroy_process_group()
+
+
 def ds_config(path: str, zero_stage: int | None, micro_batch: int, grad_accum: int, world_size: int,
               grad_clip: float) -> dict:
     """Read a DeepSpeed JSON config and derive its batch fields from the recipe.

@@ -17,7 +17,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from models import create_backbone  # noqa: E402
-from pretrain.engine import DeepSpeedEngine, ds_config, init_distributed  # noqa: E402
+from pretrain.engine import DeepSpeedEngine, ds_config, init_distributed, shutdown_distributed  # noqa: E402
 from pretrain.objectives import create_objective  # noqa: E402
 from pretrain.schedules import LRSchedule  # noqa: E402
 
@@ -70,6 +70,7 @@ def main(out):
         with open(out, "w") as f:
             json.dump({"err": err, "whole_err": whole_err, "moved": moved, "n_whole": n_whole,
                        "world": world, "ema_fn": obj.ema_update_fn.__name__}, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

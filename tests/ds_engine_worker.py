@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrain.engine import DeepSpeedEngine, ds_config, init_distributed  # noqa: E402
+from pretrain.engine import DeepSpeedEngine, ds_config, init_distributed, shutdown_distributed  # noqa: E402
 from pretrain.schedules import LRSchedule  # noqa: E402
 
 MICRO, DIM = 4, 6
@@ -64,6 +64,7 @@ def main(out, stage, accum, clip, steps):
         with open(out, "w") as f:
             json.dump({"weight": state["lin.weight"].flatten().tolist(), "bias": state["lin.bias"].tolist(),
                        "lrs": lrs, "boundaries": boundaries, "world": world}, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The model is a linear regression whose loss is a per-sample mean, so accumulatin
 must give exactly the update of one large batch (unlike batch-norm nets or contrastive losses,
 whose loss depends on how the batch is split).
 """
+import glob
 import json
 import os
 import subprocess
@@ -89,10 +90,13 @@ def _result(path):
 @pytest.mark.parametrize("stage,clip", [(0, 0.5), (2, 0.5), (1, 0.0)])
 def test_deepspeed_accumulation_and_clipping_match_one_process(tmp_path, stage, clip):
     out = tmp_path / "ds.json"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(find_free_port()), WORKER,
+    port = str(find_free_port())
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, WORKER,
            str(out), str(stage), "2", str(clip), str(STEPS)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the CPU backend's shared-memory buffers (66 MB per rank) are removed at shutdown
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     got = _result(out)
     assert got["world"] == 2
     assert got["boundaries"] == [False, True] * STEPS
