@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from losses import clip_loss
 
 from . import SearchError
+from .embed import publish_dir
 from .text import TextEncoder, get_text_encoder
 
 __all__ = ["AlignConfig", "AlignmentHeads", "train_alignment", "align_embeddings", "pair_captions"]
@@ -181,19 +182,15 @@ class AlignmentHeads(nn.Module):
         out = Path(out_dir).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "heads.safetensors"))
             (tmp / "heads.json").write_text(json.dumps(self.config_json(), indent=1, default=str))
-            if out.exists():
-                os.replace(out, old)
-            os.replace(tmp, out)
+            publish_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
         return out
 
     @classmethod

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from . import SearchError
 
 __all__ = ["EmbeddingStore", "embed_dataset", "load_encoder", "register_encoder", "list_encoders",
-           "register_run_loader", "LoadedEncoder", "dataset_items", "write_json_atomic", "write_embeddings",
+           "register_run_loader", "LoadedEncoder", "dataset_items", "write_json_atomic", "publish_dir", "write_embeddings",
            "prepare_images"]
 
 FORMAT = 1
@@ -57,6 +58,24 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Put the fully written directory ``tmp`` in place of ``out``: its files are flushed to disk,
+    then renamed over; a previous ``out`` is kept under a side name until the swap is done, so a
+    crash at any point leaves either the old or the new directory complete."""
+    for p in tmp.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:

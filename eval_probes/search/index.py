@@ -43,6 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import SearchError
+from .embed import publish_dir
 
 __all__ = ["KINDS", "EXACT_MAX", "IndexPlan", "choose_index", "parse_memory", "IndexBuilder", "build_index",
            "SearchIndex", "l2_normalize", "default_params", "format_bytes"]
@@ -313,17 +314,7 @@ class IndexBuilder:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             np.save(tmp / "ids.npy", ids)
             (tmp / "index.json").write_text(json.dumps(meta, indent=1, default=str))
-            for p in tmp.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            publish_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
