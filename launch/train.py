@@ -15,7 +15,10 @@ from pretrain.engine import shutdown_distributed  # noqa: E402
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    code = main(["fit", *args])
-    if code == 0:  # after a failure the launcher stops the other ranks; a barrier here could wait for them
-        shutdown_distributed()
+    code = 1
+    try:
+        code = main(["fit", *args])
+    finally:
+        # after a failure the launcher stops the other ranks: no barrier then, only the buffer is removed
+        shutdown_distributed(wait=code == 0)
     sys.exit(code)

@@ -142,14 +142,17 @@ def init_distributed(engine: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def shutdown_distributed() -> None:
-    """End a launcher job cleanly on every rank: wait for all ranks, remove this rank's shared-memory
+def shutdown_distributed(wait: bool = True) -> None:
+    """End a launcher job on this rank: wait for all ranks, remove this rank's shared-memory
     all-reduce buffer, and destroy the process group.
 
     DeepSpeed's CPU communication backend maps a ~66 MB buffer per rank under ``/dev/shm``
     (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never removes it, so every job
     would leave RAM-backed files behind until the machine runs out of shared memory. A rank that
     exits with communication threads still alive can also abort at shutdown.
+
+    ``wait=False`` is for a failed job: the launcher is stopping the other ranks, so a barrier could
+    wait forever; the buffer is only unlinked (ranks that still have it mapped keep using it).
     """
     import glob
     import os
@@ -158,7 +161,8 @@ def shutdown_distributed() -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.barrier()  # every rank has finished its last collective; the mapped buffers stay valid when unlinked
+    if wait:
+        dist.barrier()  # every rank has finished its last collective; the mapped buffers stay valid when unlinked
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     local_rank = os.environ.get("LOCAL_RANK")
     if addr and port and local_rank is not None:
@@ -167,7 +171,8 @@ def shutdown_distributed() -> None:
                 os.unlink(f)
             except OSError:
                 pass
-    dist.destroy_process_group()
+    if wait:
+        dist.destroy_process_group()
 
 
 def ds_config(path: str, zero_stage: int | None, micro_batch: int, grad_accum: int, world_size: int,

@@ -1,4 +1,5 @@
 """Real 2-rank DeepSpeed launches on the CPU (gloo), against one plain process."""
+import glob
 import json
 import os
 import subprocess
@@ -23,8 +24,9 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(*args, ranks=2, check=True):
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(find_free_port()), "launch/train.py", *args]
+def launch(*args, ranks=2, check=True, port=None):
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port or find_free_port()), "launch/train.py",
+           *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
     if check and r.returncode != 0:
         raise AssertionError(f"deepspeed run failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
@@ -133,6 +135,9 @@ def test_zero3_byol_matches_one_process_and_exports(tmp_path, reference):
 
 
 def test_refusals_are_clear(tmp_path):
+    port = find_free_port()
     r = launch(*recipe("simclr"), *TINY, "batch_size=16", "max_steps=2", "engine=deepspeed", "deepspeed.zero_stage=2",
-               "optim.name=lars", f"run_dir={tmp_path / 'b'}", check=False)
+               "optim.name=lars", f"run_dir={tmp_path / 'b'}", check=False, port=port)
     assert r.returncode != 0 and "optim.name=lars computes a trust ratio per layer" in r.stderr + r.stdout
+    # a failed job still removes its ranks' shared-memory all-reduce buffers
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
