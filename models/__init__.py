@@ -11,7 +11,7 @@ Every backbone built by :func:`create_backbone` follows one contract:
 from .registry import create_backbone, list_backbones, register_backbone
 from .resnet import ResNet, WSConv2d
 from .vit import VisionTransformer
-from .heads import MLPHead
+from .heads import MLPHead, WSLinear
 from .ema import ModelEMA, ema_update_, frozen_copy
 from .layer_ids import layer_ids, num_blocks, num_layers
 
@@ -29,4 +29,5 @@ __all__ = [
     "ResNet",
     "VisionTransformer",
     "WSConv2d",
+    "WSLinear",
 ]

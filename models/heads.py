@@ -7,7 +7,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-__all__ = ["MLPHead"]
+__all__ = ["MLPHead", "WSLinear"]
 
 _NORMS = ("bn", "ln", "none")
 
@@ -18,6 +18,40 @@ def _make_norm(kind: str, dim: int, affine: bool = True) -> nn.Module:
     if kind == "ln":
         return nn.LayerNorm(dim, elementwise_affine=affine)
     raise ValueError(f"no norm layer for kind {kind!r}")
+
+
+class WSLinear(nn.Linear):
+    """``nn.Linear`` with scaled weight standardisation.
+
+    In every forward pass each output unit's weight row is standardised over its fan-in and
+    scaled by ``1 / sqrt(fan_in)``: ``w_hat = (w - mean(w)) / (sqrt(var(w) + eps) * sqrt(fan_in))``,
+    so unit-variance inputs give unit-variance outputs whatever the stored weight's scale. The
+    stored parameter is left untouched.
+
+    Because every row of ``w_hat`` sums to zero, an input component shared by all features
+    (``x + c * 1``) does not reach the output. Pooled post-ReLU features are all positive and
+    share a large common component; a plain linear layer passes it on, so the projections of
+    different images start nearly parallel (cosine ~0.9 for a GN+WS ResNet-18), which batch
+    norm in the head would otherwise remove by centring over the batch. This removes it per
+    sample, without batch statistics.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.eps = eps
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight used in the forward pass, ``[out_features, in_features]``."""
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=1, keepdim=True, unbiased=False)
+        return (w - mean) * torch.rsqrt((var + self.eps) * w.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_features] -> [..., out_features]``."""
+        return nn.functional.linear(x, self.standardized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps}, weight_std=True"
 
 
 class MLPHead(nn.Module):
@@ -46,6 +80,7 @@ class MLPHead(nn.Module):
         last_norm: Put a norm of kind ``norm`` after the last linear layer
             (requires ``norm != "none"``).
         last_norm_affine: Whether that last norm has a learnable scale/shift.
+        weight_std: Use :class:`WSLinear` (weight standardisation) for every linear layer.
 
     Attributes:
         layers: ``nn.ModuleList`` with one ``nn.Sequential`` per linear layer.
@@ -65,6 +100,7 @@ class MLPHead(nn.Module):
         norm: str = "bn",
         last_norm: bool = False,
         last_norm_affine: bool = True,
+        weight_std: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -79,19 +115,21 @@ class MLPHead(nn.Module):
         self.out_dim = out_dim
         self.num_layers = num_layers
         self.norm = norm
+        self.weight_std = weight_std
         self.dims: List[int] = [hidden_dim] * (num_layers - 1) + [out_dim]
 
         has_norm = norm != "none"
+        linear = WSLinear if weight_std else nn.Linear
         blocks = []
         d_in = in_dim
         for i, d_out in enumerate(self.dims):
             if i < num_layers - 1:
-                mods: List[nn.Module] = [nn.Linear(d_in, d_out, bias=not has_norm)]
+                mods: List[nn.Module] = [linear(d_in, d_out, bias=not has_norm)]
                 if has_norm:
                     mods.append(_make_norm(norm, d_out))
                 mods.append(nn.ReLU(inplace=True))
             else:
-                mods = [nn.Linear(d_in, d_out, bias=not last_norm)]
+                mods = [linear(d_in, d_out, bias=not last_norm)]
                 if last_norm:
                     mods.append(_make_norm(norm, d_out, affine=last_norm_affine))
             blocks.append(nn.Sequential(*mods))

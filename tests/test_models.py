@@ -17,6 +17,7 @@ from models import (
     ResNet,
     VisionTransformer,
     WSConv2d,
+    WSLinear,
     create_backbone,
     ema_update_,
     frozen_copy,
@@ -546,3 +547,25 @@ def test_model_ema():
     assert other.decay == 0.9 and other.num_updates == 2
     for a, b in zip(other.module.state_dict().values(), ema.module.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_wslinear_standardises_rows_and_drops_shared_component():
+    torch.manual_seed(0)
+    lin = WSLinear(16, 8)
+    with torch.no_grad():
+        lin.weight.mul_(7.0).add_(3.0)
+    w = lin.weight
+    manual = (w - w.mean(1, keepdim=True)) / torch.sqrt((w.var(1, unbiased=False, keepdim=True) + 1e-5) * 16)
+    x = torch.randn(5, 16)
+    assert torch.allclose(lin(x), F.linear(x, manual, lin.bias), atol=1e-5)
+    assert not torch.allclose(lin(x), F.linear(x, w, lin.bias), atol=1e-3)
+    # Rows sum to zero: a component shared by all input features does not reach the output.
+    assert torch.allclose(lin(x + 4.0), lin(x), atol=1e-4)
+    # Unit-variance inputs give unit-variance outputs, whatever the stored weight's scale.
+    big = torch.randn(4096, 16)
+    out = WSLinear(16, 64, bias=False)(big)
+    assert 0.9 < out.var().item() < 1.1
+    assert torch.equal(lin.weight, w)
+    # Gradients reach the stored weight.
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from models import create_backbone
+from models import WSLinear, create_backbone
 from pretrain.objectives import create_objective, list_objectives
 from pretrain.objectives.byol import cosine_momentum
 
@@ -82,13 +82,15 @@ def test_unknown_objective_and_option():
         create_objective("simclr", _tiny_backbone(), bogus=1)
 
 
-@pytest.mark.parametrize("head_norm", ["none", "ln", "bn"])
-def test_byol_gn_ws_uses_no_batch_statistics(head_norm):
+@pytest.mark.parametrize("head_norm,head_ws", [("none", False), ("ln", False), ("bn", False), ("none", True)])
+def test_byol_gn_ws_uses_no_batch_statistics(head_norm, head_ws):
     """With gn_ws + head_norm=none|ln no layer looks at other samples: a sample's prediction computed alone
     equals the one computed inside a batch (with BN heads it does not, which shows the check bites)."""
     torch.manual_seed(0)
     backbone = create_backbone("resnet18", in_chans=1, width=8, norm="gn_ws")
-    obj = create_objective("byol", backbone, proj_hidden=32, proj_dim=16, pred_hidden=32, head_norm=head_norm)
+    obj = create_objective("byol", backbone, proj_hidden=32, proj_dim=16, pred_hidden=32, head_norm=head_norm,
+                           head_ws=head_ws)
+    assert any(isinstance(m, WSLinear) for m in obj.projector.modules()) == head_ws
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in obj.modules())
     assert has_bn == (head_norm == "bn")
     obj.train()
@@ -107,3 +109,45 @@ def test_byol_gn_ws_uses_no_batch_statistics(head_norm):
         opt.step()
         obj.on_step_end(step, 3)
         assert torch.isfinite(out["loss"])
+
+
+def test_byol_predictor_lr_scale_groups():
+    """byol.pred_lr_scale puts the predictor's parameters (and only them) in groups whose LR the
+    schedule multiplies; every trainable parameter is in exactly one group."""
+    from pretrain.optim import build_optimizer
+    from pretrain.schedules import LRSchedule
+
+    backbone = create_backbone("resnet18", in_chans=1, width=8, norm="gn_ws")
+    obj = create_objective("byol", backbone, proj_hidden=32, proj_dim=16, pred_hidden=32, head_norm="none",
+                           pred_lr_scale=10.0)
+    groups = obj.param_groups()
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [p for m in obj.trainable_modules() for p in m.parameters()]
+    assert sorted(ids) == sorted(id(p) for p in trainable)
+    pred = {id(p) for p in obj.predictor.parameters()}
+    for g in groups:
+        in_pred = {id(p) in pred for p in g["params"]}
+        assert len(in_pred) == 1
+        assert g.get("lr_scale", 1.0) == (10.0 if in_pred.pop() else 1.0)
+    opt = build_optimizer(groups, "lars", 0.3, 1e-6)
+    LRSchedule(opt, 0.3, 100, 0)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["predictor_decay"] == pytest.approx(3.0) and lrs["decay"] == pytest.approx(0.3)
+    # the default keeps the two plain groups
+    plain = create_objective("byol", create_backbone("resnet18", in_chans=1, width=8), proj_hidden=32,
+                             proj_dim=16, pred_hidden=32).param_groups()
+    assert [g["name"] for g in plain] == ["decay", "no_decay"]
+    with pytest.raises(ValueError, match="pred_lr_scale"):
+        create_objective("byol", create_backbone("resnet18", in_chans=1, width=8), pred_lr_scale=0.0)
+
+
+def test_byol_projection_spread_tells_collapse():
+    from pretrain.objectives.byol import projection_spread
+
+    torch.manual_seed(0)
+    spread = projection_spread(torch.randn(512, 64))
+    assert 0.9 < float(spread) < 1.1
+    same = torch.randn(1, 64).repeat(512, 1) * torch.rand(512, 1)  # one direction, any length
+    assert float(projection_spread(same)) < 1e-3
+    half = torch.cat([torch.randn(256, 64), torch.randn(1, 64).repeat(256, 1)])
+    assert 0.3 < float(projection_spread(half)) < 0.9

@@ -54,22 +54,30 @@ class Objective(nn.Module):
 
     def param_groups(self) -> list[dict]:
         """Two groups: weights with decay, and norms/biases without decay or LARS adaptation."""
-        decay, no_decay, seen = [], [], set()
-        for module in self.trainable_modules():
-            for p in module.parameters():
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "name": "decay"}]
-        if no_decay:
-            groups.append({"params": no_decay, "name": "no_decay", "weight_decay": 0.0, "lars_exclude": True})
-        return groups
+        return decay_groups(self.trainable_modules())
 
     @torch.no_grad()
     def embed(self, batch: dict) -> Tensor:
         """Frozen features [B, D] that probes and search indexes use: the pooled backbone output."""
         return self.backbone.forward_pooled(batch["image"]).float()
+
+
+def decay_groups(modules, prefix: str = "", **extra) -> list[dict]:
+    """Optimizer groups for the trainable parameters of ``modules``: weights (ndim > 1) with weight
+    decay, and norms/biases without decay or LARS adaptation. ``extra`` (e.g. ``lr_scale``) is set
+    on both groups; ``prefix`` is put before their names."""
+    decay, no_decay, seen = [], [], set()
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "name": prefix + "decay", **extra}]
+    if no_decay:
+        groups.append({"params": no_decay, "name": prefix + "no_decay", "weight_decay": 0.0, "lars_exclude": True,
+                       **extra})
+    return groups
 
 
 _REGISTRY: dict[str, tuple[type[Objective], type]] = {}

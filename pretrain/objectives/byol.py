@@ -10,7 +10,7 @@ from torch import nn
 from losses import byol_loss
 from models import MLPHead, ema_update_, frozen_copy
 
-from .base import Objective, register_objective
+from .base import Objective, decay_groups, register_objective
 
 
 @dataclass
@@ -23,12 +23,28 @@ class ByolConfig:
     # Norm of the projector / predictor hidden layers: bn (the paper), ln, or none. With
     # model.norm=gn_ws and head_norm=ln no layer uses batch statistics (Richemond et al. 2020).
     head_norm: str = "bn"
+    # Weight standardisation in every linear layer of the projector and predictor (models.WSLinear):
+    # removes, per sample, the feature component all images share, which head batch norm would
+    # otherwise centre away over the batch. For model.norm=gn_ws with head_norm=none or ln.
+    head_ws: bool = False
+    # Learning-rate multiplier of the predictor (a predictor that keeps close to its optimum, as
+    # in DirectPred / SimSiam analyses, is what keeps BYOL from collapsing).
+    pred_lr_scale: float = 1.0
 
 
 def cosine_momentum(step: int, max_steps: int, base: float, final: float = 1.0) -> float:
     """BYOL's target decay: tau = final - (final - base) * (cos(pi * k / K) + 1) / 2."""
     k = min(max(step, 0), max_steps)
     return final - (final - base) * (math.cos(math.pi * k / max(max_steps, 1)) + 1) / 2
+
+
+@torch.no_grad()
+def projection_spread(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: the standard deviation over the batch of the l2-normalised rows of ``z``
+    ``[B, D]``, averaged over dimensions and times ``sqrt(D)``. About 1 for outputs spread over the
+    sphere, 0 when every sample gets the same direction. Logged only; the model never uses it."""
+    zn = torch.nn.functional.normalize(z.float(), dim=1)
+    return zn.std(0).mean() * math.sqrt(zn.shape[1])
 
 
 @register_objective("byol", ByolConfig)
@@ -48,16 +64,27 @@ class BYOL(Objective):
     def __init__(self, backbone: nn.Module, cfg: ByolConfig):
         super().__init__(backbone)
         self.cfg = cfg
+        if not cfg.pred_lr_scale > 0:
+            raise ValueError(f"byol.pred_lr_scale must be > 0; got {cfg.pred_lr_scale!r}")
         if cfg.head_norm not in ("bn", "ln", "none"):
             raise ValueError(f"byol.head_norm must be bn, ln or none; got {cfg.head_norm!r}")
-        self.projector = MLPHead(backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm)
-        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm)
+        self.projector = MLPHead(backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm,
+                                 weight_std=cfg.head_ws)
+        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm,
+                                 weight_std=cfg.head_ws)
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
         self.momentum = cfg.base_momentum
 
     def trainable_modules(self):
         return [self.backbone, self.projector, self.predictor]
+
+    def param_groups(self) -> list[dict]:
+        """The base groups; the predictor's get ``lr_scale = pred_lr_scale`` when it is not 1."""
+        if self.cfg.pred_lr_scale == 1.0:
+            return super().param_groups()
+        return (decay_groups([self.backbone, self.projector])
+                + decay_groups([self.predictor], prefix="predictor_", lr_scale=self.cfg.pred_lr_scale))
 
     def forward(self, batch: dict) -> dict:
         v1, v2 = batch["views"][:2]
@@ -69,7 +96,7 @@ class BYOL(Objective):
         p1, p2 = p[:n].float(), p[n:].float()
         z1, z2 = z[:n].float(), z[n:].float()
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        return {"loss": loss, "momentum": torch.tensor(self.momentum)}
+        return {"loss": loss, "momentum": torch.tensor(self.momentum), "target_std": projection_spread(z)}
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
