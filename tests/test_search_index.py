@@ -281,7 +281,9 @@ def test_embed_build_query_eval_commands_with_both_encoders(tmp_path, capsys, mo
                        "--index", "hnsw", "--quiet")
     assert rc == 0, err
     phen = tmp_path / "phen.jsonl"
-    phen.write_text(json.dumps({"name": "like item 3", "id": 3, "relevant": [3]}) + "\n")
+    # a query whose relevant set (every item) is larger than 100: capped recall@100 reaches 1
+    phen.write_text(json.dumps({"name": "like item 3", "id": 3, "relevant": [3]}) + "\n"
+                    + json.dumps({"name": "everything", "id": 3, "relevant": list(range(len(ds)))}) + "\n")
     rc, out, err = cli(capsys, "search", "eval", "--index", tmp_path / "idx2", "--queries", 50, "--rerank", "exact",
                        "--phenomena", phen, "--json", "--out", tmp_path / "eval.json")
     assert rc == 0, err
@@ -289,6 +291,8 @@ def test_embed_build_query_eval_commands_with_both_encoders(tmp_path, capsys, mo
     assert res["modes"]["index"]["recall@10"] > 0.8 and res["modes"]["index+rerank:exact"]["recall@10"] == 1.0
     assert res["modes"]["exact (flat, uncompressed)"]["qps"] > 0
     assert res["phenomena"][0]["index+rerank:exact"]["ndcg@10"] == pytest.approx(1.0)
+    assert res["phenomena"][1]["relevant"] == len(ds) > 100
+    assert res["phenomena"][1]["index"]["recall@100"] == pytest.approx(1.0)
     assert json.loads((tmp_path / "eval.json").read_text())["queries"] == 50
 
 
