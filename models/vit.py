@@ -169,11 +169,15 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, C, image_size, image_size]`` -> tokens ``[B, num_patches, D]`` (row-major)."""
-        if x.ndim != 4 or x.shape[-2:] != (self.image_size, self.image_size):
+        """``x``: ``[B, C, H, W]`` -> tokens ``[B, (H / p) * (W / p), D]`` (row-major).
+
+        ``H`` and ``W`` may differ from ``image_size`` (e.g. multi-crop's small local views) but
+        must be multiples of the patch size ``p``.
+        """
+        if x.ndim != 4 or x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size or 0 in x.shape[-2:]:
             raise ValueError(
-                f"expected images of shape [B, C, {self.image_size}, {self.image_size}], "
-                f"got {list(x.shape)}"
+                f"expected images [B, C, H, W] with H and W multiples of patch_size {self.patch_size} "
+                f"(native size {self.image_size}x{self.image_size}), got {list(x.shape)}"
             )
         return self.proj(x).flatten(2).transpose(1, 2)
 
@@ -274,13 +278,28 @@ class VisionTransformer(nn.Module):
         """Parameter names that optimisers usually exclude from weight decay."""
         return {"cls_token", "pos_embed", "mask_token"}
 
-    def _check_mask(self, mask: torch.Tensor, batch: int) -> None:
-        expected = [batch, self.num_patches]
+    def _check_mask(self, mask: torch.Tensor, batch: int, num_patches: int) -> None:
+        expected = [batch, num_patches]
         if not isinstance(mask, torch.Tensor) or list(mask.shape) != expected:
             got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"mask must have shape [B, N] = {expected} (True = masked), got {got}")
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
+
+    def patch_positions(self, rows: int, cols: int) -> torch.Tensor:
+        """Position embeddings ``[1, rows * cols, D]`` of a ``rows x cols`` patch grid.
+
+        The native grid (``grid_size x grid_size``) uses ``pos_embed`` as it is; any other grid
+        resamples the learned grid bicubically (as DINO does for multi-crop's small views and
+        for evaluation at other resolutions), so gradients still reach ``pos_embed``.
+        """
+        pos = self.pos_embed[:, 1:]
+        if rows == cols == self.grid_size:
+            return pos
+        g, d = self.grid_size, pos.shape[-1]
+        grid = pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, d).to(pos.dtype)
 
     def prepare_tokens(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False
@@ -290,7 +309,7 @@ class VisionTransformer(nn.Module):
         This is everything :meth:`forward_features` does before the blocks.
 
         Args:
-            x: Images ``[B, in_chans, image_size, image_size]``.
+            x: Images ``[B, in_chans, H, W]`` (``image_size`` square, or any multiple of the patch size).
             mask: Optional bool ``[B, N]``, True = masked.
             drop_masked: Remove masked tokens instead of replacing them.
 
@@ -300,8 +319,8 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(x)  # [B, N, D]
         b, n, d = tokens.shape
         if mask is not None:
-            self._check_mask(mask, b)
-        pos = self.pos_embed[:, 1:].to(tokens.dtype)
+            self._check_mask(mask, b, n)
+        pos = self.patch_positions(x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size).to(tokens.dtype)
         if mask is not None and not drop_masked:
             tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         tokens = tokens + pos
@@ -323,8 +342,8 @@ class VisionTransformer(nn.Module):
         """Encodes images into normalised tokens.
 
         Args:
-            x: Images ``[B, in_chans, image_size, image_size]``.
-            mask: Optional bool tensor ``[B, N]`` (``N = num_patches``, patches
+            x: Images ``[B, in_chans, H, W]`` (``image_size`` square, or any multiple of the patch size).
+            mask: Optional bool tensor ``[B, N]`` (``N`` = patches of ``x``, ``num_patches`` at ``image_size``, patches
                 in row-major order), True = masked.
             drop_masked: If False (default), masked patch embeddings are
                 replaced by ``mask_token`` before positions are added and the
@@ -339,7 +358,7 @@ class VisionTransformer(nn.Module):
         Raises:
             ValueError: If ``mask`` is not a bool tensor of shape ``[B, N]``, if
                 rows mask different counts with ``drop_masked=True``, or if the
-                image size differs from ``image_size``.
+                image height or width is not a multiple of ``patch_size``.
         """
         tokens = self.prepare_tokens(x, mask, drop_masked)
         tokens = self.blocks(tokens)
@@ -357,7 +376,7 @@ class VisionTransformer(nn.Module):
         """Pooled embedding: class token, or mean of the (visible) patch tokens.
 
         Args:
-            x: Images ``[B, in_chans, image_size, image_size]``.
+            x: Images ``[B, in_chans, H, W]`` (``image_size`` square, or any multiple of the patch size).
             mask: Optional bool ``[B, N]``, see :meth:`forward_features`.
             drop_masked: See :meth:`forward_features`.
 

@@ -70,8 +70,16 @@ def view_augments(cfg: RunConfig, objective, info: data_lib.DatasetInfo) -> list
         specs = data_lib.view_specs(kind, size, crop_scale=a.crop_scale, color=info.color, flip=info.flip,
                                     jitter_strength=a.jitter_strength)
     else:
+        local_size = a.local_size
+        if cfg.model.backbone.startswith("vit") and n_local > 0:
+            p = cfg.model.patch_size  # a ViT takes any multiple of its patch size (positions are resampled)
+            if local_size == 0:
+                local_size = max(p, round(size * 96 / 224 / p) * p)
+            elif local_size % p:
+                raise ConfigError(f"aug.local_size={local_size} must be a multiple of model.patch_size={p} for a "
+                                  f"ViT backbone")
         try:
-            specs = data_lib.multicrop_specs(kind, size, n_local, a.local_size, crop_scale=a.crop_scale,
+            specs = data_lib.multicrop_specs(kind, size, n_local, local_size, crop_scale=a.crop_scale,
                                              local_crop_scale=a.local_crop_scale, color=info.color, flip=info.flip,
                                              jitter_strength=a.jitter_strength)
         except ValueError as exc:

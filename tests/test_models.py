@@ -374,8 +374,32 @@ def test_vit_mask_shape_and_dtype_errors():
         m.forward_features(x, mask=torch.zeros(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
         m.forward_features(x, mask=torch.zeros(2, 16))
-    with pytest.raises(ValueError, match="16, 16"):
-        m.forward_features(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiples of patch_size 4"):
+        m.forward_features(torch.randn(2, 3, 18, 18))
+    with pytest.raises(ValueError, match=r"\[2, 4\]"):  # an 8x8 image has 4 patches
+        m.forward_features(torch.randn(2, 3, 8, 8), mask=torch.zeros(2, 16, dtype=torch.bool))
+
+
+def test_vit_other_sizes_resample_positions():
+    """Inputs other than image_size (multi-crop's local views) get bicubically resampled positions;
+    the native grid uses pos_embed unchanged, and gradients reach pos_embed from any size."""
+    torch.manual_seed(0)
+    m = tiny_vit()  # 16x16, patch 4: a 4x4 grid
+    with torch.no_grad():
+        m.pos_embed.normal_()
+    assert torch.equal(m.patch_positions(4, 4), m.pos_embed[:, 1:])
+    grid = m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(2, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 6, -1)
+    assert torch.allclose(m.patch_positions(2, 3), want, atol=1e-6)
+    for size, n in [(8, 4), (32, 64), (12, 9)]:
+        x = torch.randn(2, 3, size, size)
+        assert m.forward_features(x).shape == (2, 1 + n, m.embed_dim)
+    m.zero_grad()
+    m.forward_pooled(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert m.pos_embed.grad is not None and m.pos_embed.grad[:, 1:].abs().sum() > 0
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    assert m.forward_features(torch.randn(2, 3, 8, 8), mask=mask, drop_masked=True).shape == (2, 1 + 3, m.embed_dim)
 
 
 def test_vit_drop_path_only_in_training():

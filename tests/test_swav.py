@@ -1,5 +1,6 @@
 """SwAV: Sinkhorn-Knopp, the swapped-prediction loss, multi-crop batches, prototypes and the queue."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,22 @@ def _fit(*overrides, resume_run=None):
 
 def _metrics(run):
     return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def test_swav_with_vit_takes_local_crops(tmp_path):
+    """A ViT backbone takes multi-crop's smaller local views (positions resampled to their grid)."""
+    run = tmp_path / "vit"
+    _fit(*TINY, "model.backbone=vit_tiny", "model.patch_size=4", "max_steps=3", f"run_dir={run}")
+    rows = _metrics(run)
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    # the default local size is rounded to a multiple of the patch size; other sizes are refused by name
+    cfg = load_config(overrides=[*TINY, "model.backbone=vit_tiny", "model.patch_size=4", "image_size=24",
+                                 "aug.local_size=0"])
+    obj = create_objective("swav", create_backbone("vit_tiny", in_chans=1, image_size=24, patch_size=4, depth=1))
+    assert [a.spec.size for a in view_augments(cfg, obj, D.build_dataset("digits", "train").info)] == [24, 24, 12, 12]
+    bad = load_config(overrides=[*TINY, "model.backbone=vit_tiny", "model.patch_size=4", "aug.local_size=10"])
+    with pytest.raises(ConfigError, match="aug.local_size=10 must be a multiple of model.patch_size=4"):
+        view_augments(bad, obj, D.build_dataset("digits", "train").info)
 
 
 def test_swav_resume_with_queue_is_exact(tmp_path):
