@@ -52,18 +52,22 @@ def recipe(objective):
 def reference(tmp_path_factory):
     """One-process runs (batch 32) of each objective, the yardstick for the 2-rank runs."""
     out = {}
-    for obj in ("byol", "simclr"):
+    for obj in ("byol", "simclr", "swav"):
         run = tmp_path_factory.mktemp("ref") / obj
-        plain(*recipe(obj), *TINY, "batch_size=32", "max_steps=6", f"run_dir={run}")
+        plain(*recipe(obj), *TINY, *EXTRA.get(obj, []), "batch_size=32", "max_steps=6", f"run_dir={run}")
         out[obj] = losses(run)
     return out
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-@pytest.mark.parametrize("objective", ["byol", "simclr"])
+# SwAV: multi-crop (2 x 16 px + 4 x 8 px), Sinkhorn over the global batch, prototypes free from step 3
+EXTRA = {"swav": ["swav.proj_hidden=64", "swav.proj_dim=32", "aug.local_size=8", "swav.freeze_prototypes_steps=2"]}
+
+
+@pytest.mark.parametrize("objective,stage", [("byol", 0), ("byol", 1), ("byol", 2), ("simclr", 0), ("simclr", 1),
+                                             ("simclr", 2), ("swav", 2)])
 def test_two_ranks_match_one_process(tmp_path, reference, objective, stage):
     run = tmp_path / "ds"
-    launch(*recipe(objective), *TINY, "batch_size=16", "max_steps=6", "engine=deepspeed",
+    launch(*recipe(objective), *TINY, *EXTRA.get(objective, []), "batch_size=16", "max_steps=6", "engine=deepspeed",
            f"deepspeed.zero_stage={stage}", f"run_dir={run}")
     got, ref = losses(run), reference[objective]
     assert len(got) == len(ref) == 6
