@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from .engine import DeepSpeedEngine, PlainEngine, ds_config, init_distributed, z
 from .objectives import create_objective
 from .optim import build_optimizer
 from .schedules import LRSchedule
+
+
+# target_std (the spread of l2-normalised target projections, ~1 when spread out) below which the run
+# warns once that the projections are collapsing
+COLLAPSE_STD = 0.05
 
 
 class RunError(RuntimeError):
@@ -254,6 +260,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     t0, seen = time.perf_counter(), 0
     end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
     last_ckpt = None
+    collapse_warned = False
     try:
         for step in range(start, end):
             for _ in range(accum):
@@ -288,6 +295,12 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                            "skipped_files": skips.count}
                     logger.log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
+                    if not collapse_warned and rec.get("target_std", 1.0) < COLLAPSE_STD:
+                        collapse_warned = True
+                        tqdm.write(f"warning: target_std {rec['target_std']:.3f} at step {done}: the target "
+                                   f"projections of different images point nearly the same way (collapse); "
+                                   f"the backbone may still learn, but see the README on BYOL without batch "
+                                   f"statistics (byol.pred_lr_scale, byol.head_ws)", file=sys.stderr)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != end:
                 last_ckpt = checkpoint(done)
         last_ckpt = checkpoint(end)

@@ -151,3 +151,21 @@ def test_byol_projection_spread_tells_collapse():
     assert float(projection_spread(same)) < 1e-3
     half = torch.cat([torch.randn(256, 64), torch.randn(1, 64).repeat(256, 1)])
     assert 0.3 < float(projection_spread(half)) < 0.9
+
+
+def test_fit_warns_once_when_byol_projections_collapse(tmp_path, monkeypatch, capsys):
+    """The loop warns (once) when the logged target_std falls below COLLAPSE_STD; a fault is forced by
+    making the monitor report a collapsed spread."""
+    import pretrain.objectives.byol as byol_mod
+    from pretrain.config import load_config
+    from pretrain.loop import fit
+
+    tiny = ["objective=byol", "data=digits", "image_size=16", "model.width=8", "batch_size=16", "precision=fp32",
+            "log_every=1", "progress=false", "byol.proj_hidden=32", "byol.proj_dim=16", "byol.pred_hidden=32",
+            "max_steps=3"]
+    fit(load_config(overrides=[*tiny, f"run_dir={tmp_path / 'ok'}"]))
+    assert "collapse" not in capsys.readouterr().err
+    monkeypatch.setattr(byol_mod, "projection_spread", lambda z: torch.tensor(0.01))
+    fit(load_config(overrides=[*tiny, f"run_dir={tmp_path / 'collapsed'}"]))
+    err = capsys.readouterr().err
+    assert err.count("warning: target_std 0.010 at step 1") == 1 and err.count("collapse") == 1
