@@ -69,7 +69,7 @@ def view_specs(kind: str, size: int, crop_scale=(0.08, 1.0), color: bool = True,
 
 def multicrop_specs(kind: str, size: int, num_local: int, local_size: int = 0, crop_scale=(0.14, 1.0),
                     local_crop_scale=(0.05, 0.14), color: bool = True, flip: bool = True,
-                    jitter_strength: float = 1.0) -> list[ViewSpec]:
+                    jitter_strength: float = 1.0, size_multiple: int = 1) -> list[ViewSpec]:
     """Multi-crop views (Caron et al. 2020, SwAV, section 3.2): 2 global views plus local ones.
 
     The two global views are ``view_specs(kind, size, crop_scale, ...)``; each of the
@@ -81,17 +81,20 @@ def multicrop_specs(kind: str, size: int, num_local: int, local_size: int = 0, c
         kind: ``byol`` or ``simclr`` (the recipe of colour, blur and solarize, see :func:`view_specs`).
         size: side of the global views in pixels.
         num_local: number of local views (0 gives the two global views only).
-        local_size: side of the local views; 0 = ``round(size * 96 / 224)`` (at least 4).
+        local_size: side of the local views; 0 = ``round(size * 96 / 224)`` (at least 4), rounded to
+            the nearest multiple of ``size_multiple``.
         crop_scale: area fraction range of the global crops.
         local_crop_scale: area fraction range of the local crops.
         color, flip, jitter_strength: as in :func:`view_specs`.
+        size_multiple: the default local side is a multiple of it (a ViT's patch size).
 
     Returns:
         ``[global_1, global_2, local_1, ..., local_num_local]``.
     """
     if num_local < 0:
         raise ValueError(f"local_views must be >= 0; got {num_local}")
-    local_size = local_size or max(4, round(size * 96 / 224))
+    m = max(1, size_multiple)
+    local_size = local_size or max(4 if m == 1 else m, round(size * 96 / 224 / m) * m)
     if not 0 < local_size <= size:
         raise ValueError(f"local_size must be in [1, {size}] (the global views' size); got {local_size}")
     for name, sc in (("crop_scale", crop_scale), ("local_crop_scale", local_crop_scale)):

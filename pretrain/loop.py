@@ -22,11 +22,6 @@ from .optim import build_optimizer
 from .schedules import LRSchedule
 
 
-# target_std (the spread of l2-normalised target projections, ~1 when spread out) below which the run
-# warns once that the projections are collapsing
-COLLAPSE_STD = 0.05
-
-
 class RunError(RuntimeError):
     """A run cannot go on (diverged loss, bad resume directory); the message says why."""
 
@@ -76,18 +71,15 @@ def view_augments(cfg: RunConfig, objective, info: data_lib.DatasetInfo) -> list
         specs = data_lib.view_specs(kind, size, crop_scale=a.crop_scale, color=info.color, flip=info.flip,
                                     jitter_strength=a.jitter_strength)
     else:
-        local_size = a.local_size
-        if cfg.model.backbone.startswith("vit") and n_local > 0:
-            p = cfg.model.patch_size  # a ViT takes any multiple of its patch size (positions are resampled)
-            if local_size == 0:
-                local_size = max(p, round(size * 96 / 224 / p) * p)
-            elif local_size % p:
-                raise ConfigError(f"aug.local_size={local_size} must be a multiple of model.patch_size={p} for a "
-                                  f"ViT backbone")
+        # a ViT takes any multiple of its patch size (its positions are resampled)
+        multiple = cfg.model.patch_size if cfg.model.backbone.startswith("vit") else 1
+        if n_local > 0 and a.local_size % multiple:
+            raise ConfigError(f"aug.local_size={a.local_size} must be a multiple of model.patch_size={multiple} "
+                              f"for a ViT backbone")
         try:
-            specs = data_lib.multicrop_specs(kind, size, n_local, local_size, crop_scale=a.crop_scale,
+            specs = data_lib.multicrop_specs(kind, size, n_local, a.local_size, crop_scale=a.crop_scale,
                                              local_crop_scale=a.local_crop_scale, color=info.color, flip=info.flip,
-                                             jitter_strength=a.jitter_strength)
+                                             jitter_strength=a.jitter_strength, size_multiple=multiple)
         except ValueError as exc:
             raise ConfigError(f"aug.{exc}") from None  # the message names the field
     return [data_lib.ViewAugment(s, info.mean, info.std) for s in specs]
@@ -260,7 +252,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     t0, seen = time.perf_counter(), 0
     end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
     last_ckpt = None
-    collapse_warned = False
+    warned = False  # an objective's warning about its metrics is printed once per run
     try:
         for step in range(start, end):
             for _ in range(accum):
@@ -295,12 +287,10 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                            "skipped_files": skips.count}
                     logger.log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
-                    if not collapse_warned and rec.get("target_std", 1.0) < COLLAPSE_STD:
-                        collapse_warned = True
-                        tqdm.write(f"warning: target_std {rec['target_std']:.3f} at step {done}: the target "
-                                   f"projections of different images point nearly the same way (collapse); "
-                                   f"the backbone may still learn, but see the README on BYOL without batch "
-                                   f"statistics (byol.pred_lr_scale, byol.head_ws)", file=sys.stderr)
+                    msg = None if warned else objective.check_metrics(rec)
+                    if msg:
+                        warned = True
+                        tqdm.write(f"warning: {msg}", file=sys.stderr)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != end:
                 last_ckpt = checkpoint(done)
         last_ckpt = checkpoint(end)

@@ -38,6 +38,11 @@ class Objective(nn.Module):
     def on_step_end(self, step: int, max_steps: int) -> None:
         """Called after each optimizer step (EMA teachers, step counters). Default: nothing."""
 
+    def check_metrics(self, metrics: dict) -> str | None:
+        """A warning about a logged record (``{"step", "loss", ...}``), e.g. a collapse, or None.
+        The loop prints the first one of a run. Default: none."""
+        return None
+
     def param_projections(self) -> list[tuple[nn.Parameter, Callable[[Tensor], Tensor]]]:
         """``(parameter, fn)`` pairs: after every optimizer step the engine replaces the parameter
         by ``fn(parameter)`` (e.g. SwAV's unit-norm prototypes).

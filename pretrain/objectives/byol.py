@@ -38,6 +38,11 @@ def cosine_momentum(step: int, max_steps: int, base: float, final: float = 1.0) 
     return final - (final - base) * (math.cos(math.pi * k / max(max_steps, 1)) + 1) / 2
 
 
+# target_std below which BYOL warns that its projections are collapsing (a mean target cosine of
+# 0.999 between images gives about 0.03)
+COLLAPSE_STD = 0.05
+
+
 @torch.no_grad()
 def projection_spread(z: torch.Tensor) -> torch.Tensor:
     """Collapse monitor: the standard deviation over the batch of the l2-normalised rows of ``z``
@@ -97,6 +102,14 @@ class BYOL(Objective):
         z1, z2 = z[:n].float(), z[n:].float()
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         return {"loss": loss, "momentum": torch.tensor(self.momentum), "target_std": projection_spread(z)}
+
+    def check_metrics(self, metrics: dict) -> str | None:
+        std = metrics.get("target_std")
+        if std is None or std >= COLLAPSE_STD:
+            return None
+        return (f"target_std {std:.3f} at step {metrics.get('step')}: the target projections of different "
+                f"images point nearly the same way (collapse); the backbone may still learn, but see the README "
+                f"on BYOL without batch statistics (byol.pred_lr_scale, byol.head_ws)")
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
