@@ -37,7 +37,7 @@ def _views(batch: int, method: str = "simclr"):
 
 def _ours(method: str, batch: int, precision: str):
     from pretrain.config import load_config
-    from pretrain.engine import PlainEngine
+    from pretrain.engines import PlainEngine
     from pretrain.loop import build_model, uses_channels_last
     from pretrain.optim import build_optimizer
     from pretrain.schedules import LRSchedule
@@ -48,14 +48,12 @@ def _ours(method: str, batch: int, precision: str):
     info = DatasetInfo("bench", 3, 32, 10, (0.5,) * 3, (0.5,) * 3)
     obj = build_model(cfg, info)
     opt = build_optimizer(obj.param_groups(), "sgd", 0.05, 1e-5)
-    engine = PlainEngine(obj, opt, LRSchedule(opt, 0.05, 1000, 0), precision)
     cl = uses_channels_last(cfg, 3)
+    engine = PlainEngine(obj, opt, LRSchedule(opt, 0.05, 1000, 0), precision, channels_last=cl)
     views = [v.contiguous(memory_format=torch.channels_last) if cl else v for v in _views(batch, method)]
 
-    def step(i):
-        out = engine({"views": views})
-        engine.backward(out["loss"])
-        engine.step()
+    def step(i):  # what the loop does per optimizer step
+        engine.train_step([{"views": views}])
         obj.on_step_end(i, 1000)
 
     return step

@@ -7,21 +7,29 @@ crashing the run.
 """
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .common import PathNotFoundError, Registry, UnknownNameError, UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad dataset name, path or content; the message names what is wrong."""
+
+
+class UnknownDatasetError(UnknownNameError, DataError):
+    """A dataset name that is not registered (and not ``folder:PATH``)."""
+
+
+class DataPathError(DataError, PathNotFoundError):
+    """A ``folder:PATH`` that does not exist or is not a directory."""
 
 
 @dataclass
@@ -108,21 +116,17 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
 
 
 _SPLITS = ("train", "test")
-_DATASETS: dict[str, Callable[..., Dataset]] = {}
+#: Dataset name -> builder ``fn(split, image_size=None, seed=0) -> Dataset``.
+DATASETS: Registry = Registry("dataset", error=UnknownDatasetError, also_valid=("folder:PATH",))
 
 
 def register_dataset(name: str):
-    """Register a builder ``fn(split, image_size=None, seed=0) -> Dataset``."""
-
-    def deco(fn):
-        _DATASETS[name] = fn
-        return fn
-
-    return deco
+    """Register a builder ``fn(split, image_size=None, seed=0) -> Dataset`` (a decorator)."""
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS) + ["folder:PATH"]
+    return DATASETS.names() + ["folder:PATH"]
 
 
 @register_dataset("mnist5k")
@@ -160,7 +164,7 @@ def _folder(root: str, split: str, image_size: int | None, seed: int) -> Dataset
     """
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DataError(f"data path '{root}' does not exist or is not a directory "
+        raise DataPathError(f"data path '{root}' does not exist or is not a directory "
                         f"(expected folder:PATH with one subfolder per class)")
     has_splits = (path / "train").is_dir() and (path / "test").is_dir()
     base = path / split if has_splits else path
@@ -205,8 +209,4 @@ def build_dataset(spec: str, split: str = "train", image_size: int | None = None
         if not root:
             raise DataError("data 'folder:' needs a path, e.g. data=folder:/path/to/images")
         return _folder(root, split, image_size, seed)
-    if spec not in _DATASETS:
-        near = difflib.get_close_matches(spec, list(_DATASETS), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise DataError(f"unknown dataset '{spec}'{hint}; valid datasets: {', '.join(list_datasets())}")
-    return _DATASETS[spec](split, image_size=image_size, seed=seed)
+    return DATASETS.get(spec)(split, image_size=image_size, seed=seed)

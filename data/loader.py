@@ -1,7 +1,10 @@
 """Loaders: a resumable, rank-sharded step sampler and collate functions that build batch dicts.
 
-Training batches are ``{"views": [view_1, view_2, ...], "label", "index", "skipped"}``;
-evaluation batches are ``{"image", "label", "index", "skipped"}``. ``skipped`` lists the files
+Batches are dicts whose schema the objective declares (see :mod:`pretrain.batches`):
+``views`` batches are ``{"views": [view_1, view_2, ...], "label", "index", "skipped"}``, ``pairs``
+batches ``{"image", "text" (token ids), "label", "index", "skipped"}``; evaluation batches are
+``{"image", "label", "index", "skipped"}``. Every batch carries ``index``, so
+:func:`batch_len` answers its number of samples whatever the schema. ``skipped`` lists the files
 that could not be read (the run counts them and names them once).
 
 Randomness is a function of ``(seed, step)`` only: the order of samples comes from a per-epoch
@@ -20,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import ViewAugment, eval_transform
+from .datasets import DataError
 
 
 class StepBatchSampler(Sampler):
@@ -36,7 +40,8 @@ class StepBatchSampler(Sampler):
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = n // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {batch_size} x world_size {world_size} is larger than the dataset ({n} samples)")
+            raise DataError(f"batch_size {batch_size} x {world_size} data-parallel rank(s) is larger than the dataset "
+                            f"({n} samples)")
 
     def __iter__(self) -> Iterator[list]:
         step = self.start_step
@@ -119,12 +124,63 @@ class EvalCollate:
                 "skipped": skipped}
 
 
+class PairCollate:
+    """Collate for image-text pairs: images resized and normalised (``augment``: an optional
+    :class:`ViewAugment` drawn per (seed, step) like a view), captions tokenized to ids.
+
+    Items must carry ``text`` (a caption, or a list of captions of which the first is used here).
+    """
+
+    def __init__(self, size: int, mean, std, tokenizer, augment: ViewAugment | None = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+        self.size, self.mean, self.std, self.tokenizer, self.augment = size, mean, std, tokenizer, augment
+        self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        good, skipped = _split_items(items)
+        step = items[0].get("step", -1)
+        missing = [it.get("path", it.get("index")) for it in good if not it.get("text")]
+        if missing:
+            raise DataError(f"image-text batch: item {missing[0]!r} has no caption ('text'); this dataset does not "
+                            f"hold image-text pairs")
+        ctx = self.tokenizer.context_length
+        if not good:
+            return {"image": torch.empty(0), "text": torch.empty(0, ctx, dtype=torch.long),
+                    "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
+                    "skipped": skipped, "step": step}
+        images = torch.stack([it["image"] for it in good])
+        if self.augment is not None:
+            bs = self.batch_size or len(items)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
+            image = self.augment(images, g, offset=self.rank * bs, total=bs * self.world_size)
+        else:
+            image = eval_transform(images, self.size, self.mean, self.std)
+        texts = [it["text"] if isinstance(it["text"], str) else it["text"][0] for it in good]
+        return {"image": image, "text": self.tokenizer(texts),
+                "label": torch.tensor([it.get("label", -1) for it in good]),
+                "index": torch.tensor([it["index"] for it in good]),
+                "skipped": skipped, "step": step}
+
+
+def batch_len(batch: dict) -> int:
+    """Number of (readable) samples in a batch built by this package, whatever its schema."""
+    return int(batch["index"].shape[0])
+
+
+def step_loader(ds: Dataset, batch_size: int, collate, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                start_step: int = 0, num_workers: int = 0) -> DataLoader:
+    """An endless, resumable loader of this rank's slice of each global batch, collated by ``collate``
+    (any of this module's collates, or an objective's own)."""
+    sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step)
+    return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=collate,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
 def train_loader(ds: Dataset, batch_size: int, augments: Sequence[ViewAugment], *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, num_workers: int = 0) -> DataLoader:
     """An endless loader of augmented multi-view batches (see module docstring)."""
-    sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step)
-    return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=ViewCollate(augments, seed, rank, world_size, batch_size),
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    return step_loader(ds, batch_size, ViewCollate(augments, seed, rank, world_size, batch_size), seed=seed,
+                       rank=rank, world_size=world_size, start_step=start_step, num_workers=num_workers)
 
 
 def eval_loader(ds: Dataset, size: int, batch_size: int = 512, num_workers: int = 0) -> DataLoader:

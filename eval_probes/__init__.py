@@ -18,14 +18,19 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Sequence
 
 import torch
 
+from data.common import Registry, UnknownNameError
+
 from .features import extract_features
 from .knn import knn_predict, knn_probe
 from .linear import linear_probe
 
 __all__ = ["extract_features", "linear_probe", "knn_probe", "knn_predict", "run_probes", "PROBES"]
 
-#: Probe name -> function taking ``(train_x, train_y, test_x, test_y, **kw)``.
-PROBES: Dict[str, Callable[..., Dict[str, Any]]] = {"linear": linear_probe, "knn": knn_probe}
+#: Probe name -> function taking ``(train_x, train_y, test_x, test_y, **kw)``; a new probe is
+#: ``PROBES.register("name", fn)``.
+PROBES: Registry = Registry("probe")
+PROBES.register("linear", linear_probe)
+PROBES.register("knn", knn_probe)
 
 
 def _keyword_names(fn: Callable[..., Any]) -> set:
@@ -66,7 +71,7 @@ def run_probes(
         ``{name: result_dict}`` for each requested probe, in request order.
 
     Raises:
-        ValueError: If a probe name is unknown (the message lists valid ones).
+        UnknownNameError: (a ValueError) If a probe name is unknown (the message lists valid ones).
         TypeError: If a keyword argument is accepted by none of the requested
             probes nor by feature extraction.
     """
@@ -74,7 +79,8 @@ def run_probes(
         probes = (probes,)
     unknown = [name for name in probes if name not in PROBES]
     if unknown:
-        raise ValueError(f"unknown probe(s) {unknown}; valid probes are {sorted(PROBES)}")
+        raise UnknownNameError(f"unknown probe(s) {unknown}; valid probes are {sorted(PROBES)}", kind="probe",
+                               name=unknown[0], valid=PROBES.names())
 
     extract_kw = {"max_batches": kw.pop("max_batches")} if "max_batches" in kw else {}
     accepted = {name: _keyword_names(PROBES[name]) for name in probes}

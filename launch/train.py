@@ -4,14 +4,12 @@
     deepspeed --hostfile launch/hostfile.example launch/train.py --recipe ... engine=deepspeed deepspeed.zero_stage=2
 
 Takes the same arguments as ``pretrain fit`` (``--recipe``, ``--resume RUN_DIR``, ``key=value``).
+The project must be installed (``pip install -e .``) so that its packages import from anywhere.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pretrain.cli import main  # noqa: E402
-from pretrain.engine import shutdown_distributed  # noqa: E402
+from launch.cli import main
+from pretrain.engines import shutdown_distributed
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

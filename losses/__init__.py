@@ -8,7 +8,8 @@ from all ranks with :func:`gather_with_grad`). Only ``torch`` is imported.
 from .byol import byol_loss
 from .clip import clip_loss
 from .distill import distillation_loss
-from .dist import all_reduce_mean, gather_with_grad, rank, world_size
+from .dist import (all_reduce_max_, all_reduce_mean, all_reduce_sum_, data_parallel_group, gather_with_grad, rank,
+                   set_data_parallel_group, world_size)
 from .nt_xent import nt_xent_loss
 from .swav import sinkhorn, swav_loss
 
@@ -23,4 +24,8 @@ __all__ = [
     "world_size",
     "rank",
     "all_reduce_mean",
+    "all_reduce_sum_",
+    "all_reduce_max_",
+    "data_parallel_group",
+    "set_data_parallel_group",
 ]

@@ -1,10 +1,16 @@
-"""Small, single-process-safe wrappers around ``torch.distributed``.
+"""Small, single-process-safe wrappers around ``torch.distributed`` over the data-parallel group.
 
 Every helper here degrades gracefully when ``torch.distributed`` is not
 available or no process group has been initialised: the world is then a
 single rank and the collectives are identities. This lets every loss in
 this package be written once and used both in plain single-process code
 (tests, notebooks, evaluation) and under data-parallel training.
+
+The collectives run over the **data-parallel group**: the ranks that hold
+different samples of the same model. With tensor or pipeline parallelism the
+world is not that group, so the parallel layout of a run
+(:mod:`pretrain.parallel`) installs it with :func:`set_data_parallel_group`;
+until then (and in plain data-parallel jobs) it is the whole world.
 """
 
 from __future__ import annotations
@@ -13,31 +19,53 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "set_data_parallel_group",
+    "data_parallel_group",
     "is_distributed",
     "world_size",
     "rank",
     "gather_with_grad",
     "all_reduce_mean",
     "all_reduce_sum_",
+    "all_reduce_max_",
 ]
 
 
+_DP_GROUP = None  # None: the default (world) group
+
+
+def set_data_parallel_group(group) -> None:
+    """Make ``group`` (a ``torch.distributed`` process group, or None for the world) the group
+    that every collective of this package runs over. Called by the run's parallel layout."""
+    global _DP_GROUP
+    _DP_GROUP = group
+
+
+def data_parallel_group():
+    """The group collectives run over (None means the default, world group)."""
+    return _DP_GROUP
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed() -> bool:
-    """Returns True when a process group is initialised with more than one rank."""
+    """Returns True when the data-parallel group has more than one rank."""
     return world_size() > 1
 
 
 def world_size() -> int:
-    """Number of ranks in the default process group (1 when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+    """Number of ranks in the data-parallel group (1 when not distributed)."""
+    if _initialized():
+        return dist.get_world_size(group=_DP_GROUP)
     return 1
 
 
 def rank() -> int:
-    """Rank of this process in the default process group (0 when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
+    """Rank of this process in the data-parallel group (0 when not distributed)."""
+    if _initialized():
+        return dist.get_rank(group=_DP_GROUP)
     return 0
 
 
@@ -51,12 +79,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ws = dist.get_world_size()
-        ctx.rank = dist.get_rank()
+        ws = world_size()
+        ctx.rank = rank()
         ctx.local_n = x.shape[0]
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(ws)]
-        dist.all_gather(parts, x)
+        dist.all_gather(parts, x, group=_DP_GROUP)
         # Rank order along dim 0: rows [r*N, (r+1)*N) belong to rank r.
         return torch.cat(parts, dim=0)
 
@@ -72,7 +100,7 @@ class _GatherWithGrad(torch.autograd.Function):
         # Clone: grad_output may be shared with other autograd consumers and
         # all_reduce works in place.
         grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=_DP_GROUP)
         start = ctx.rank * ctx.local_n
         return grad[start : start + ctx.local_n]
 
@@ -112,7 +140,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
             # Integer tensors would truncate on division; logging wants floats.
             if not out.is_floating_point():
                 out = out.to(torch.get_default_dtype())
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_DP_GROUP)
             out /= world_size()
         return out
 
@@ -131,5 +159,20 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """
     if is_distributed():
         with torch.no_grad():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_DP_GROUP)
+    return t
+
+
+def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise maximum of ``t`` over the data-parallel ranks, without gradient.
+
+    Args:
+        t: Tensor with the same shape on every rank; overwritten in place.
+
+    Returns:
+        ``t`` itself. In one process ``t`` is untouched.
+    """
+    if is_distributed():
+        with torch.no_grad():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_DP_GROUP)
     return t

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .dist import all_reduce_sum_, is_distributed
+from .dist import all_reduce_max_, all_reduce_sum_, is_distributed
 
 __all__ = ["sinkhorn", "swav_loss"]
 
@@ -65,7 +64,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     m = s.max() if s.numel() else s.new_zeros(())
     b = torch.tensor(float(s.shape[0]), dtype=torch.float64, device=s.device)
     if is_distributed():
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        all_reduce_max_(m)
         all_reduce_sum_(b)
     q = torch.exp((s - m) / epsilon).T  # [K, B]: prototypes x samples
     total = all_reduce_sum_(q.sum().reshape(1))

@@ -1,16 +1,24 @@
 """Backbones, heads and weight-averaging utilities.
 
-Every backbone built by :func:`create_backbone` follows one contract:
+Every backbone built by :func:`create_backbone` follows one contract (docs/backbones.md):
 
 * ``embed_dim: int``
-* ``forward_features(x)``: feature map ``[B, C, H, W]`` (ResNet) or tokens
-  ``[B, N, D]`` (ViT)
+* ``forward_features(x)``: feature map ``[B, C, H, W]`` (ResNet), tokens ``[B, N, D]`` (ViT) or
+  ``[B, L, D]`` (text tower, from token ids ``[B, L]``)
 * ``forward_pooled(x)``: ``[B, embed_dim]``; ``forward(x)`` is the same.
+* ``layer_ids()``: ``{parameter name: depth id}`` for layer-wise LR decay, ids in
+  ``[0, num_layers()]``; ``num_layers()``: number of blocks + 1.
+* ``pipeline_layers()``: a flat list of one-tensor-in, one-tensor-out modules sharing the
+  backbone's parameters whose composition is ``forward_pooled``.
+
+The functions :func:`layer_ids`, :func:`num_layers` and :func:`num_blocks` work on any module that
+declares ``layer_ids()`` and ``num_layers()``.
 """
 
 from .registry import create_backbone, list_backbones, register_backbone
 from .resnet import ResNet, WSConv2d
 from .vit import VisionTransformer
+from .text import TextTransformer
 from .heads import MLPHead, WSLinear
 from .ema import ModelEMA, ema_update_, frozen_copy
 from .layer_ids import layer_ids, num_blocks, num_layers
@@ -27,6 +35,7 @@ __all__ = [
     "num_layers",
     "ModelEMA",
     "ResNet",
+    "TextTransformer",
     "VisionTransformer",
     "WSConv2d",
     "WSLinear",

@@ -1,9 +1,9 @@
-"""A small name -> factory registry for backbones.
+"""The registry of backbones: name -> factory function.
 
 Backbone modules register their factory functions with
 :func:`register_backbone`; callers build models by name with
-:func:`create_backbone`.  The registry is a plain ``dict`` so that it is easy
-to inspect and has no hidden state.
+:func:`create_backbone`. ``BACKBONES`` is a :class:`data.common.Registry`
+(a read-only mapping with ``register``, ``get`` and ``names``).
 
 Example::
 
@@ -16,11 +16,12 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import inspect
-from typing import Callable, Dict, List, TypeVar
+from typing import Callable, List, TypeVar
 
 import torch.nn as nn
+
+from data.common import Registry
 
 __all__ = ["BACKBONES", "register_backbone", "create_backbone", "list_backbones"]
 
@@ -28,7 +29,7 @@ Factory = Callable[..., nn.Module]
 F = TypeVar("F", bound=Factory)
 
 #: Maps a backbone name to the factory function that builds it.
-BACKBONES: Dict[str, Factory] = {}
+BACKBONES: Registry = Registry("backbone")
 
 
 def register_backbone(name: str) -> Callable[[F], F]:
@@ -41,23 +42,16 @@ def register_backbone(name: str) -> Callable[[F], F]:
         A decorator that stores the factory and returns it unchanged.
 
     Raises:
-        ValueError: If ``name`` is already registered.
+        ValueError: If ``name`` is not a non-empty string or is already registered.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
-
-    def decorator(factory: F) -> F:
-        if name in BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        BACKBONES[name] = factory
-        return factory
-
-    return decorator
+    return BACKBONES.register(name)
 
 
 def list_backbones() -> List[str]:
     """Returns the registered backbone names, sorted alphabetically."""
-    return sorted(BACKBONES)
+    return BACKBONES.names()
 
 
 def _accepted_kwargs(factory: Factory) -> List[str] | None:
@@ -85,21 +79,12 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
         ``forward_pooled``).
 
     Raises:
-        ValueError: If ``name`` is not registered.  The message lists the valid
-            names and, when there is a close one, suggests it.
+        UnknownNameError: (a ValueError) If ``name`` is not registered.  The
+            message lists the valid names and, when there is a close one, suggests it.
         TypeError: If a keyword argument is not accepted by the factory.  The
             message names the keyword and the accepted ones.
     """
     factory = BACKBONES.get(name)
-    if factory is None:
-        valid = list_backbones()
-        msg = f"unknown backbone {name!r}"
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        if close:
-            msg += f" (did you mean {close[0]!r}?)"
-        msg += f"; valid backbones: {', '.join(valid) if valid else '(none registered)'}"
-        raise ValueError(msg)
-
     accepted = _accepted_kwargs(factory)
     if accepted is not None:
         unknown = [k for k in kwargs if k not in accepted]

@@ -4,6 +4,11 @@ The residual blocks are torchvision's ``BasicBlock`` and ``Bottleneck``; the
 network around them (stem, stages, downsampling shortcuts) is assembled here
 so that the base width, the stem and the normalisation layer can be chosen.
 
+Like every backbone of :mod:`models`, :class:`ResNet` describes itself: ``layer_ids()`` and
+``num_layers()`` give the depth of each parameter (stem 0, residual block ``j`` at ``j``) for
+layer-wise LR decay, and ``pipeline_layers()`` lists it as a flat chain of modules
+(stem, the residual blocks, global average pooling), e.g. for pipeline-parallel stages.
+
 Normalisation options:
 
 * ``"bn"``: ``nn.BatchNorm2d`` everywhere (the usual ResNet).
@@ -15,16 +20,18 @@ Normalisation options:
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Type, Union
+from typing import Callable, Dict, List, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .layer_ids import ids_by_prefix
 from .registry import register_backbone
 
-__all__ = ["WSConv2d", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "num_groups_for"]
+__all__ = ["WSConv2d", "ResNet", "ResNetStem", "GlobalAvgPool", "resnet18", "resnet34", "resnet50", "resnet101",
+           "resnet152", "num_groups_for"]
 
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
@@ -97,6 +104,28 @@ def _to_ws_convs(module: nn.Module) -> None:
             _to_ws_convs(child)
 
 
+class ResNetStem(nn.Module):
+    """The stem of a :class:`ResNet` as a module of its own: ``maxpool(relu(bn1(conv1(x))))``.
+
+    It holds the ResNet's own ``conv1``, ``bn1``, ``relu`` and ``maxpool`` (shared, not copied).
+    ``[B, in_chans, H, W] -> [B, width, H / s, W / s]`` (``s`` = 1 for the cifar stem, 4 for imagenet).
+    """
+
+    def __init__(self, resnet: "ResNet") -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions: ``[B, C, H, W] -> [B, C]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 class ResNet(nn.Module):
     """A ResNet trunk without classifier, for representation learning.
 
@@ -125,6 +154,9 @@ class ResNet(nn.Module):
         ``forward_features``: ``[B, in_chans, H, W] -> [B, embed_dim, H/s, W/s]``
         with total stride ``s = 8`` (cifar stem) or ``32`` (imagenet stem).
         ``forward_pooled`` / ``forward``: ``[B, in_chans, H, W] -> [B, embed_dim]``.
+
+    Layer ids (see :meth:`layer_ids`): the stem is 0, residual block ``j`` (counted from 1 over the
+    four stages) is ``j``, and :meth:`num_layers` is the number of blocks plus one.
     """
 
     def __init__(
@@ -217,6 +249,40 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn3.weight)
                 elif isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
+
+    def residual_blocks(self) -> List[nn.Module]:
+        """The residual blocks of the four stages, in forward order."""
+        return [b for stage in (self.layer1, self.layer2, self.layer3, self.layer4) for b in stage]
+
+    def num_layers(self) -> int:
+        """``num_blocks + 1``: the layer id just above the last residual block."""
+        return len(self.residual_blocks()) + 1
+
+    def layer_ids(self) -> Dict[str, int]:
+        """Depth id of every parameter, for layer-wise LR decay.
+
+        Returns:
+            ``{name: id}`` for every name of ``named_parameters()``: the stem (``conv1``, ``bn1``)
+            is 0 and residual block ``j`` (counted from 1 over all four stages, downsampling
+            shortcut included) is ``j``; e.g. a ResNet-18 has ids 0-8 and ``num_layers() == 9``.
+        """
+        prefixes = [("conv1", 0), ("bn1", 0)]
+        j = 0
+        for si, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+            for bi in range(len(stage)):
+                j += 1
+                prefixes.append((f"layer{si}.{bi}", j))
+        return ids_by_prefix(self, prefixes)
+
+    def pipeline_layers(self) -> List[nn.Module]:
+        """The network as a flat chain of modules, e.g. to cut it into pipeline stages.
+
+        Returns:
+            ``[ResNetStem, block_1, ..., block_N, GlobalAvgPool]``: each takes one tensor and
+            returns one, they share this model's parameters (each parameter in exactly one of
+            them) and ``x -> layers[-1](...layers[0](x))`` equals :meth:`forward_pooled`.
+        """
+        return [ResNetStem(self), *self.residual_blocks(), GlobalAvgPool()]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Computes the last feature map.

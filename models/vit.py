@@ -15,17 +15,24 @@ Masking (for masked-image-modelling objectives) is built into
   removed, so the encoder only sees visible patches.
 
 ``blocks`` is a plain ``nn.Sequential`` of :class:`Block` modules, which can be
-sliced (``model.blocks[:6]``) e.g. to cut the model into pipeline stages.
+sliced (``model.blocks[:6]``).  :meth:`VisionTransformer.pipeline_layers` lists the whole
+model as a flat chain of one-tensor modules (token embedding, the blocks, final norm and
+pooling), e.g. to cut it into pipeline stages, and :meth:`VisionTransformer.layer_ids` gives
+each parameter's depth for layer-wise LR decay.
+
+:class:`Block` and :class:`Attention` take ``causal=True`` for causal self-attention; the
+text tower of :mod:`models.text` is built from them.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layer_ids import ids_by_prefix
 from .registry import register_backbone
 
 __all__ = [
@@ -33,8 +40,14 @@ __all__ = [
     "Attention",
     "Mlp",
     "Block",
+    "block_stack",
+    "init_transformer_weights",
+    "ModelPart",
+    "BlockStackEncoder",
     "PatchEmbed",
     "VisionTransformer",
+    "ViTEmbed",
+    "ViTPool",
     "vit_tiny",
     "vit_small",
     "vit_base",
@@ -79,14 +92,16 @@ class Attention(nn.Module):
         dim: Token dimension ``D``; must be divisible by ``num_heads``.
         num_heads: Number of attention heads.
         qkv_bias: Whether the fused q/k/v projection has a bias.
+        causal: If True, token ``i`` attends only to tokens ``0..i`` (``is_causal=True``).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, causal: bool = False) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -95,7 +110,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, Dh]
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj(out)
 
@@ -127,12 +142,15 @@ class Block(nn.Module):
         num_heads: Number of attention heads.
         mlp_ratio: MLP hidden size as a multiple of ``dim``.
         drop_path: Stochastic depth probability for both residual branches.
+        causal: Causal self-attention (token ``i`` sees tokens ``0..i``), for text towers.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, causal: bool = False
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, causal=causal)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -142,6 +160,75 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
+
+
+def block_stack(
+    dim: int, num_heads: int, mlp_ratio: float, depth: int, drop_path: float = 0.0, causal: bool = False
+) -> nn.Sequential:
+    """``depth`` :class:`Block` modules in an ``nn.Sequential``; block ``i`` has stochastic depth
+    ``drop_path * i / (depth - 1)``."""
+    rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+    return nn.Sequential(*[Block(dim, num_heads, mlp_ratio, r, causal=causal) for r in rates])
+
+
+def init_transformer_weights(model: nn.Module) -> None:
+    """Initialises every ``nn.Linear`` (truncated normal, std 0.02; zero bias) and ``nn.LayerNorm``
+    (unit weight, zero bias) in ``model``, in ``model.modules()`` order."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ModelPart(nn.Module):
+    """A module that holds some attributes of a model (modules and parameters shared, not copied).
+
+    Subclasses name the attributes in ``shared``; e.g. the first and last layers of
+    ``pipeline_layers()``.
+    """
+
+    shared: tuple = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        for name in self.shared:
+            setattr(self, name, getattr(model, name))
+
+
+class BlockStackEncoder(nn.Module):
+    """Base of encoders made of a stem, a stack of ``blocks`` and a final ``norm``.
+
+    Subclasses set ``stem_params`` (the parameter-name prefixes of the stem, layer id 0) and
+    ``no_decay_params`` (names usually kept out of weight decay), and build ``blocks`` and
+    ``norm``.  Block ``j`` (from 1) has layer id ``j`` and the final norm ``len(blocks) + 1``.
+    """
+
+    stem_params: tuple = ()
+    no_decay_params: tuple = ()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that optimisers usually exclude from weight decay."""
+        return set(self.no_decay_params)
+
+    def num_layers(self) -> int:
+        """``depth + 1``: the layer id of the final norm, just above the last block."""
+        return len(self.blocks) + 1
+
+    def layer_ids(self) -> Dict[str, int]:
+        """Depth id of every parameter, for layer-wise LR decay.
+
+        Returns:
+            ``{name: id}`` for every name of ``named_parameters()``: the stem (``stem_params``)
+            is 0, ``blocks.i`` is ``i + 1``, the final ``norm`` is ``num_layers()``.
+        """
+        prefixes = [(p, 0) for p in self.stem_params]
+        prefixes += [(f"blocks.{i}", i + 1) for i in range(len(self.blocks))]
+        prefixes.append(("norm", self.num_layers()))
+        return ids_by_prefix(self, prefixes)
 
 
 class PatchEmbed(nn.Module):
@@ -182,7 +269,95 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class VisionTransformer(nn.Module):
+def _check_mask(mask: torch.Tensor, batch: int, num_patches: int) -> None:
+    expected = [batch, num_patches]
+    if not isinstance(mask, torch.Tensor) or list(mask.shape) != expected:
+        got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape [B, N] = {expected} (True = masked), got {got}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
+
+
+def _patch_positions(pos_embed: torch.Tensor, grid_size: int, rows: int, cols: int) -> torch.Tensor:
+    """Patch part of ``pos_embed`` for a ``rows x cols`` grid (bicubic resampling off the native grid)."""
+    pos = pos_embed[:, 1:]
+    if rows == cols == grid_size:
+        return pos
+    g, d = grid_size, pos.shape[-1]
+    grid = pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, d).to(pos.dtype)
+
+
+def _embed_tokens(
+    patch_embed: "PatchEmbed",
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    mask_token: torch.Tensor,
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    drop_masked: bool = False,
+) -> torch.Tensor:
+    """Images -> ``[B, 1 + N, D]`` tokens: see :meth:`VisionTransformer.prepare_tokens`."""
+    tokens = patch_embed(x)  # [B, N, D]
+    b, n, d = tokens.shape
+    if mask is not None:
+        _check_mask(mask, b, n)
+    p = patch_embed.patch_size
+    pos = _patch_positions(pos_embed, patch_embed.grid_size, x.shape[-2] // p, x.shape[-1] // p).to(tokens.dtype)
+    if mask is not None and not drop_masked:
+        tokens = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
+    tokens = tokens + pos
+    if mask is not None and drop_masked:
+        counts = mask.sum(dim=1)
+        if b > 0 and bool((counts != counts[0]).any()):
+            raise ValueError(
+                "drop_masked=True needs the same number of masked patches in every row, "
+                f"got per-row counts {counts.tolist()}"
+            )
+        n_visible = n - (int(counts[0]) if b > 0 else 0)
+        tokens = tokens[~mask].reshape(b, n_visible, d)
+    cls = (cls_token + pos_embed[:, :1]).to(tokens.dtype).expand(b, -1, -1)
+    return torch.cat([cls, tokens], dim=1)
+
+
+def _pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
+    if pool == "cls":
+        return tokens[:, 0]
+    return tokens[:, num_prefix_tokens:].mean(dim=1)
+
+
+class ViTEmbed(ModelPart):
+    """First pipeline layer of a :class:`VisionTransformer`: images ``[B, C, H, W]`` -> tokens ``[B, 1 + N, D]``.
+
+    Equal to ``vit.prepare_tokens(x)`` without a mask (same resampled positions for other
+    grids).  It holds the model's own ``patch_embed``, ``cls_token``, ``pos_embed`` and
+    ``mask_token`` (shared, not copied); the mask token is unused on this path and is held
+    so that the pipeline layers together own every parameter of the model.
+    """
+
+    shared = ("patch_embed", "cls_token", "pos_embed", "mask_token")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _embed_tokens(self.patch_embed, self.cls_token, self.pos_embed, self.mask_token, x)
+
+
+class ViTPool(ModelPart):
+    """Last pipeline layer of a :class:`VisionTransformer`: final norm, then pooling, ``[B, 1 + N, D] -> [B, D]``.
+
+    Holds the model's own ``norm``; ``pool`` and ``num_prefix_tokens`` are copied from it.
+    """
+
+    shared = ("norm", "pool", "num_prefix_tokens")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _pool_tokens(self.norm(tokens), self.pool, self.num_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}"
+
+
+class VisionTransformer(BlockStackEncoder):
     """Pre-norm ViT encoder with class token and optional patch masking.
 
     Args:
@@ -211,7 +386,15 @@ class VisionTransformer(nn.Module):
         mask_token: ``[1, 1, D]`` learnable token that replaces masked patches.
         blocks: ``nn.Sequential`` of :class:`Block`.
         norm: Final ``nn.LayerNorm``.
+
+    Layer ids (see :meth:`layer_ids`): patch embedding, class / mask tokens and position
+    embeddings are 0, block ``j`` (from 1) is ``j``, the final norm is ``depth + 1``
+    (= :meth:`num_layers`).  ``cls_token``, ``pos_embed`` and ``mask_token`` are kept out of
+    weight decay (:meth:`no_weight_decay`).
     """
+
+    stem_params = ("patch_embed", "cls_token", "pos_embed", "mask_token")
+    no_decay_params = ("cls_token", "pos_embed", "mask_token")
 
     def __init__(
         self,
@@ -252,8 +435,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.blocks = block_stack(embed_dim, num_heads, mlp_ratio, depth, drop_path)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
         self._init_weights()
@@ -265,26 +447,18 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_weights(self)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names that optimisers usually exclude from weight decay."""
-        return {"cls_token", "pos_embed", "mask_token"}
+    def pipeline_layers(self) -> List[nn.Module]:
+        """The model as a flat chain of modules, e.g. to cut it into pipeline stages.
 
-    def _check_mask(self, mask: torch.Tensor, batch: int, num_patches: int) -> None:
-        expected = [batch, num_patches]
-        if not isinstance(mask, torch.Tensor) or list(mask.shape) != expected:
-            got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must have shape [B, N] = {expected} (True = masked), got {got}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
+        Returns:
+            ``[ViTEmbed, block_1, ..., block_N, ViTPool]``: each takes one tensor and returns one,
+            they share this model's parameters (each parameter in exactly one of them) and
+            ``x -> layers[-1](...layers[0](x))`` equals :meth:`forward_pooled` without a mask, at
+            any image size :meth:`forward_pooled` accepts.
+        """
+        return [ViTEmbed(self), *self.blocks, ViTPool(self)]
 
     def patch_positions(self, rows: int, cols: int) -> torch.Tensor:
         """Position embeddings ``[1, rows * cols, D]`` of a ``rows x cols`` patch grid.
@@ -293,13 +467,7 @@ class VisionTransformer(nn.Module):
         resamples the learned grid bicubically (as DINO does for multi-crop's small views and
         for evaluation at other resolutions), so gradients still reach ``pos_embed``.
         """
-        pos = self.pos_embed[:, 1:]
-        if rows == cols == self.grid_size:
-            return pos
-        g, d = self.grid_size, pos.shape[-1]
-        grid = pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
-        return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, d).to(pos.dtype)
+        return _patch_positions(self.pos_embed, self.grid_size, rows, cols)
 
     def prepare_tokens(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False
@@ -316,25 +484,7 @@ class VisionTransformer(nn.Module):
         Returns:
             Tokens ``[B, 1 + N, D]`` or, with ``drop_masked``, ``[B, 1 + N_visible, D]``.
         """
-        tokens = self.patch_embed(x)  # [B, N, D]
-        b, n, d = tokens.shape
-        if mask is not None:
-            self._check_mask(mask, b, n)
-        pos = self.patch_positions(x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size).to(tokens.dtype)
-        if mask is not None and not drop_masked:
-            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        tokens = tokens + pos
-        if mask is not None and drop_masked:
-            counts = mask.sum(dim=1)
-            if b > 0 and bool((counts != counts[0]).any()):
-                raise ValueError(
-                    "drop_masked=True needs the same number of masked patches in every row, "
-                    f"got per-row counts {counts.tolist()}"
-                )
-            n_visible = n - (int(counts[0]) if b > 0 else 0)
-            tokens = tokens[~mask].reshape(b, n_visible, d)
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(tokens.dtype).expand(b, -1, -1)
-        return torch.cat([cls, tokens], dim=1)
+        return _embed_tokens(self.patch_embed, self.cls_token, self.pos_embed, self.mask_token, x, mask, drop_masked)
 
     def forward_features(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False
@@ -366,9 +516,7 @@ class VisionTransformer(nn.Module):
 
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pools normalised tokens ``[B, 1 + M, D]`` into ``[B, D]`` according to ``pool``."""
-        if self.pool == "cls":
-            return tokens[:, 0]
-        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        return _pool_tokens(tokens, self.pool, self.num_prefix_tokens)
 
     def forward_pooled(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False

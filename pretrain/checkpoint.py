@@ -1,13 +1,13 @@
 """Checkpoints and exported weights, written so that a crash mid-save never loses the last good one.
 
 A checkpoint is a directory ``checkpoints/step_N/`` holding ``state.pt`` and ``meta.json``. It is
-written under ``checkpoints/.tmp-step_N-<pid>/`` and renamed into place only once complete;
-``weights.safetensors`` is written to a temporary file and ``os.replace``d.
+written under ``checkpoints/.tmp-step_N/`` (one name that every rank writes into) and published
+by :func:`data.common.publish_dir` only once complete; ``weights.safetensors`` is written with
+:func:`data.common.atomic_path`.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -16,7 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.common import PathNotFoundError, atomic_path, publish_dir, remove_temporaries
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointNotFoundError(PathNotFoundError):
+    """A checkpoint or weights file the user asked for is missing or incomplete."""
+
+
+class RunDirError(PathNotFoundError):
+    """A run directory the user named does not exist or lacks a file it needs (config.yaml, weights)."""
 
 
 def rng_state() -> dict:
@@ -62,24 +72,14 @@ def save_checkpoint(run_dir: str | Path, step: int, write, meta: dict, keep_last
     tmp = root / f".tmp-step_{step}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for p in root.glob(".tmp-step_*"):  # leftovers of killed saves
-            shutil.rmtree(p, ignore_errors=True)
+        remove_temporaries(root)  # what killed saves left: .tmp-step_N, side names of replaced checkpoints
         tmp.mkdir()
     barrier()
     write(tmp)
     barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
-        _fsync_tree(tmp)
-        if final.exists():  # same step saved again (a resumed run ending where it started)
-            old = root / f".old-step_{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(root)
+        publish_dir(tmp, final)  # same step saved again (a resumed run ending where it started): replaced
         if keep_last > 0:
             for _, p in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -90,7 +90,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write, meta: dict, keep_last
 def read_meta(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' is incomplete or missing (no meta.json)")
+        raise CheckpointNotFoundError(f"checkpoint '{path}' is incomplete or missing (no meta.json)")
     return json.loads((path / "meta.json").read_text())
 
 
@@ -100,9 +100,8 @@ def save_weights(path: str | Path, state_dict: dict, metadata: dict[str, str]) -
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 def load_weights(path: str | Path) -> tuple[dict, dict]:
@@ -111,26 +110,7 @@ def load_weights(path: str | Path) -> tuple[dict, dict]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file '{path}' does not exist")
+        raise CheckpointNotFoundError(f"weights file '{path}' does not exist")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return load_file(str(path)), meta
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or directory entry to disk (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            _fsync(p)
-    _fsync(path)

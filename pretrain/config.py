@@ -7,30 +7,72 @@ naming the key and the nearest valid ones. Each objective contributes its own ne
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from data.common.config import ConfigError, fill, load_values, nearest
 
-class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names the key or value."""
+__all__ = ["ConfigError", "TowerConfig", "ModelConfig", "TokenizerConfig", "OptimConfig", "AugConfig", "ProbeConfig",
+           "DeepSpeedConfig", "RunConfig", "CHOICES", "build_config", "load_config", "model_config", "to_dict",
+           "save_config"]
+
+
+@dataclass
+class TowerConfig:
+    """One encoder of an objective (``model.image``, ``model.text``, ...), built through the backbone
+    registry. Each field is passed to the backbone's factory when the factory takes a keyword of
+    that name and the field is set (not 0 or ""); fields a backbone does not take are ignored, so
+    one recipe switches between ResNets, ViTs and text transformers by ``backbone`` alone. Sizes
+    that follow from the data (``in_chans``, ``image_size``, ``vocab_size``, ``context_length``)
+    come from the data, not from here."""
+
+    backbone: str = ""  # registry name (pretrain list); "" = this tower is not built
+    stem: str = ""  # ResNets: cifar | imagenet
+    norm: str = ""  # ResNets: bn | gn_ws
+    width: int = 0  # ResNet base width (64 = standard); transformer width of text towers
+    patch_size: int = 0  # ViTs
+    depth: int = 0  # transformers: number of blocks (0 = the named size's)
+    embed_dim: int = 0  # ViTs: token width (0 = the named size's)
+    num_heads: int = 0  # ViTs
+    heads: int = 0  # text transformers
+
+
+def _image_tower() -> TowerConfig:
+    return TowerConfig(backbone="resnet18", stem="cifar", norm="bn", width=64, patch_size=4)
 
 
 @dataclass
 class ModelConfig:
-    """Backbone choice and its keyword arguments (see ``pretrain list``)."""
+    """The towers an objective builds (each objective declares which: ``Objective.towers``), and
+    how the model is laid out. ``model.backbone=...``, ``model.width=...`` (any tower field given
+    directly under ``model``) are shorthand for the image tower: ``model.image.backbone=...``."""
 
-    backbone: str = "resnet18"
-    stem: str = "cifar"  # cifar | imagenet (ResNets)
-    norm: str = "bn"  # bn | gn_ws (ResNets)
-    width: int = 64  # ResNet base width (64 = standard)
-    patch_size: int = 4  # ViTs
+    image: TowerConfig = field(default_factory=_image_tower)
+    text: TowerConfig = field(default_factory=TowerConfig)
+    audio: TowerConfig = field(default_factory=TowerConfig)
+    video: TowerConfig = field(default_factory=TowerConfig)
     channels_last: bool = True
-    global_bn: bool = True  # batch-norm statistics over all ranks (SimCLR's global BN)
+    global_bn: bool = True  # batch-norm statistics over all data-parallel ranks (SimCLR's global BN)
+
+    # shorthand: model.<tower field> means model.image.<tower field>
+    ALIASES: typing.ClassVar[dict] = {f: "image" for f in (
+        "backbone", "stem", "norm", "width", "patch_size", "depth", "embed_dim", "num_heads", "heads")}
+
+    def __getattr__(self, name):  # read access through the shorthand too: cfg.model.width
+        if name in ModelConfig.ALIASES:
+            return getattr(getattr(self, ModelConfig.ALIASES[name]), name)
+        raise AttributeError(f"'ModelConfig' object has no attribute '{name}'")
+
+
+@dataclass
+class TokenizerConfig:
+    """How captions become token ids for text towers (objectives whose batch holds text)."""
+
+    name: str = "bytes"  # pretrain list shows the registered tokenizers
+    context_length: int = 32
 
 
 @dataclass
@@ -97,6 +139,7 @@ class RunConfig:
     aug: AugConfig = field(default_factory=AugConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # per-objective sections, filled from the objective registry (name -> Config instance)
     objectives: dict = field(default_factory=dict)
 
@@ -109,105 +152,20 @@ CHOICES = {
     "precision": ("fp32", "bf16"),
     "engine": ("plain", "deepspeed"),
     "deepspeed.zero_stage": (-1, 0, 1, 2, 3),
-    "model.stem": ("cifar", "imagenet"),
-    "model.norm": ("bn", "gn_ws"),
+    "model.image.stem": ("", "cifar", "imagenet"),
+    "model.image.norm": ("", "bn", "gn_ws"),
     "byol.head_norm": ("bn", "ln", "none"),
     "optim.name": ("sgd", "adamw", "lars"),
     "aug.views": ("", "byol", "simclr"),
 }
 
 
-def _nearest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.7)
-    return f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert a parsed YAML value to the dataclass field's type, or raise a ConfigError naming the key."""
-    origin = typing.get_origin(typ)
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise TypeError
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if typ is str:
-            if isinstance(value, (dict, list)):
-                raise TypeError
-            return "" if value is None else str(value)
-        if origin is tuple:
-            args = typing.get_args(typ)
-            if isinstance(value, str):
-                value = [v for v in value.replace(",", " ").split()]
-            value = list(value)
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], key) for v in value)
-            if len(value) != len(args):
-                raise TypeError
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    except (TypeError, ValueError):
-        tname = getattr(typ, "__name__", str(typ))
-        raise ConfigError(f"config key '{key}': expected {tname}, got {value!r}") from None
-    return value
-
-
-def _fill(obj: Any, values: dict, prefix: str) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj) if f.name != "objectives"]
-    for k, v in values.items():
-        key = prefix + k
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}'{_nearest(k, names)}; valid keys here: {', '.join(names)}")
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            _fill(cur, v, key + ".")
-        else:
-            val = _coerce(v, hints[k], key)
-            if key in CHOICES and val not in CHOICES[key]:
-                valid = ", ".join(repr(c) for c in CHOICES[key])
-                raise ConfigError(f"config key '{key}': unknown value {val!r}; valid: {valid}")
-            setattr(obj, k, val)
-
-
-def _parse_overrides(overrides: list[str]) -> dict:
-    """``a.b=1`` strings -> nested dict; values parsed as YAML scalars/lists."""
-    out: dict = {}
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}' is not of the form key=value")
-        key, raw = ov.split("=", 1)
-        if not key:
-            raise ConfigError(f"override '{ov}' has an empty key")
-        try:
-            val = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            val = raw
-        d = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-            if not isinstance(d, dict):
-                raise ConfigError(f"override '{ov}' conflicts with another override of '{p}'")
-        d[parts[-1]] = val
-    return out
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def model_config(values: dict | None) -> ModelConfig:
+    """A :class:`ModelConfig` from a plain dict: the nested form ``to_dict`` writes, or the flat
+    shorthand of older run directories (``{"backbone": ..., "width": ...}``)."""
+    cfg = ModelConfig()
+    fill(cfg, dict(values or {}), "model.", CHOICES)
+    return cfg
 
 
 def build_config(values: dict) -> RunConfig:
@@ -218,33 +176,21 @@ def build_config(values: dict) -> RunConfig:
     cfg = RunConfig()
     objective_names = list_objectives()
     obj_sections = {k: values.pop(k) for k in list(values) if k in objective_names}
-    _fill(cfg, values, "")
+    fill(cfg, values, "", CHOICES)
     if cfg.objective not in objective_names:
-        raise ConfigError(f"unknown objective '{cfg.objective}'{_nearest(cfg.objective, objective_names)}; "
+        raise ConfigError(f"unknown objective '{cfg.objective}'{nearest(cfg.objective, objective_names)}; "
                           f"valid objectives: {', '.join(objective_names)}")
     for name in objective_names:
         ocfg = objective_config_class(name)()
         if name in obj_sections:
-            _fill(ocfg, obj_sections[name] or {}, name + ".")
+            fill(ocfg, obj_sections[name] or {}, name + ".", CHOICES)
         cfg.objectives[name] = ocfg
     return cfg
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (optional), apply ``key=value`` overrides and validate everything."""
-    values: dict = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe file '{recipe}' does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe file '{recipe}' is not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"recipe file '{recipe}' must hold a mapping of config keys")
-    values = _merge(values, _parse_overrides(overrides or []))
-    return build_config(values)
+    return build_config(load_values(recipe, overrides))
 
 
 def to_dict(cfg: RunConfig) -> dict:

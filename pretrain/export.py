@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, list_checkpoints, read_meta, save_weights
+from .checkpoint import CheckpointNotFoundError, latest_checkpoint, list_checkpoints, read_meta, save_weights
 
 
 def export_weights(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
@@ -19,16 +19,16 @@ def export_weights(run_dir: str | Path, step: int | None = None, out: str | Path
     if step is None:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint under '{run_dir / 'checkpoints'}'")
+            raise CheckpointNotFoundError(f"no checkpoint under '{run_dir / 'checkpoints'}'")
     else:
         found = dict(list_checkpoints(run_dir))
         if step not in found:
-            raise FileNotFoundError(f"no checkpoint for step {step} under '{run_dir / 'checkpoints'}'; "
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} under '{run_dir / 'checkpoints'}'; "
                                     f"available steps: {sorted(found) or 'none'}")
         ckpt = found[step]
     meta = read_meta(ckpt)
     if meta.get("engine", "plain") == "deepspeed":
-        from .engine import consolidate_deepspeed_checkpoint
+        from .engines import consolidate_deepspeed_checkpoint
 
         state = consolidate_deepspeed_checkpoint(ckpt)
     else:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,15 @@ import yaml
 from torch import nn
 
 import data as data_lib
+from data.common import write_text
+from data.common.config import fill, load_values
 from losses import distillation_loss
 from models import MLPHead, ModelEMA, layer_ids, list_backbones, num_layers
 
-from .checkpoint import latest_checkpoint, load_weights, read_meta, rng_state, save_checkpoint, save_weights, \
-    set_rng_state
-from .config import ConfigError, ModelConfig, OptimConfig, _fill, _merge, _parse_overrides
-from .engine import PlainEngine, autocast_context
+from .checkpoint import (RunDirError, latest_checkpoint, load_weights, read_meta, rng_state, save_checkpoint,
+                         save_weights, set_rng_state)
+from .config import CHOICES, ConfigError, ModelConfig, OptimConfig, model_config
+from .engines import PlainEngine, autocast_context
 from .loop import MetricsLogger, RunError, build_backbone
 from .optim import build_optimizer
 from .schedules import LRSchedule
@@ -110,21 +111,9 @@ def load_finetune_config(recipe: str | Path | None = None, overrides: list[str] 
 
     Unknown keys and bad values raise :class:`~pretrain.config.ConfigError` naming them.
     """
-    values: dict = dict(base or {})
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe file '{recipe}' does not exist")
-        try:
-            rec = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe file '{recipe}' is not valid YAML: {exc}") from None
-        if not isinstance(rec, dict):
-            raise ConfigError(f"recipe file '{recipe}' must hold a mapping of config keys")
-        values = _merge(values, rec)
-    values = _merge(values, _parse_overrides(overrides or []))
+    values = load_values(recipe, overrides, base)
     cfg = FinetuneConfig()
-    _fill(cfg, values, "")
+    fill(cfg, values, "", CHOICES)
     check_config(cfg)
     return cfg
 
@@ -179,12 +168,6 @@ def config_dict(cfg: FinetuneConfig) -> dict:
         return x
 
     return fix(dataclasses.asdict(cfg))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +328,7 @@ def _neck(spec: dict) -> tuple[nn.Sequential, int]:
 
 def classifier_from_arch(arch: dict) -> Classifier:
     """A freshly initialised :class:`Classifier` of the architecture recorded in a weights file."""
-    m = ModelConfig(**{k: v for k, v in arch["model"].items() if k in {f.name for f in dataclasses.fields(ModelConfig)}})
+    m = model_config(arch["model"])  # the nested form, or the flat one of older weights files
     backbone = _backbone(m, arch["in_chans"], arch["image_size"])
     neck, dim = _neck({"in_dim": backbone.embed_dim, **arch["neck"]})
     return Classifier(backbone, neck, dim, arch["num_classes"])
@@ -357,7 +340,7 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
     run_dir = Path(run_dir)
     path = run_dir / "weights.safetensors"
     if not path.is_file():
-        raise RunError(f"'{run_dir}' has no weights.safetensors (did the fine-tuning finish?)")
+        raise RunDirError(f"'{run_dir}' has no weights.safetensors (did the fine-tuning finish?)")
     state, meta = load_weights(path)
     if meta.get("format") != WEIGHTS_FORMAT:
         raise RunError(f"'{run_dir}' is not a fine-tuned run: its weights.safetensors has format "
@@ -374,12 +357,12 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
 def _check_run_dir(run: str, flag: str) -> Path:
     path = Path(run)
     if not path.is_dir():
-        raise RunError(f"{flag}: run directory '{run}' does not exist")
+        raise RunDirError(f"{flag}: run directory '{run}' does not exist")
     if not (path / "config.yaml").is_file():
-        raise RunError(f"{flag}: '{run}' is not a run directory (no config.yaml)")
+        raise RunDirError(f"{flag}: '{run}' is not a run directory (no config.yaml)")
     if not (path / "weights.safetensors").is_file():
-        raise RunError(f"{flag}: '{run}' has no weights.safetensors; export it first with "
-                       f"`pretrain export --run {run}`")
+        raise RunDirError(f"{flag}: '{run}' has no weights.safetensors; export it first with "
+                          f"`pretrain export --run {run}`")
     return path
 
 
@@ -544,7 +527,7 @@ def _train(r: _Run, resume: bool, t_start: float) -> dict:
         set_rng_state(client["rng"])
         start = int(read_meta(ckpt)["step"])
     r.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(r.run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    write_text(r.run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
     augment = _light_augment(r.train_ds.info, r.size, cfg.crop_scale)
     labelled = SubsetDataset(r.train_ds, r.labelled_idx)
@@ -640,7 +623,7 @@ def _train(r: _Run, resume: bool, t_start: float) -> dict:
         "batch_size": batch, "lr": lr, "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay, "optimizer": o.name, "precision": cfg.precision,
         **r.extra,
     }
-    _write_atomic(r.run_dir / SUMMARY, json.dumps(summary, indent=1))
+    write_text(r.run_dir / SUMMARY, json.dumps(summary, indent=1))
     return summary
 
 
@@ -756,7 +739,7 @@ def distill(cfg: FinetuneConfig, resume: bool = False) -> dict:
         teacher_summary = json.loads((tdir / SUMMARY).read_text())
     extra = {"source": "distill", "teacher": str(tdir), "teacher_test_acc": teacher_summary.get("test_acc"),
              "teacher_params": sum(p.numel() for p in teacher.parameters()),
-             "teacher_backbone": tarch["model"]["backbone"], "temperature": cfg.distill.temperature,
+             "teacher_backbone": model_config(tarch["model"]).backbone, "temperature": cfg.distill.temperature,
              "alpha": cfg.distill.alpha, "head_layers_used": 0}
     arch = _arch(cfg.student, info.channels, size, info.num_classes, {"layers": 0})
     task = DistillTask(student, teacher, cfg.distill.temperature, cfg.distill.alpha)
@@ -765,72 +748,20 @@ def distill(cfg: FinetuneConfig, resume: bool = False) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command-line glue (pretrain finetune / pretrain distill)
+# Configs of resumed runs and of distillation
 
 
-def _resume_config(run: str, overrides: list[str]) -> FinetuneConfig:
+def resume_config(run: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
+    """The config of a stopped fine-tuning or distillation run (its ``config.yaml``) with
+    ``overrides`` applied, to run it on to ``max_steps`` with ``resume=True``."""
     path = Path(run)
     if not (path / "config.yaml").is_file():
-        raise RunError(f"--resume: '{run}' is not a run directory (no config.yaml)")
+        raise RunDirError(f"--resume: '{run}' is not a run directory (no config.yaml)")
     base = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    return load_finetune_config(None, ["stop_at=0", *overrides, f"run_dir={run}"], base=base)
+    return load_finetune_config(None, ["stop_at=0", *(overrides or []), f"run_dir={run}"], base=base)
 
 
-def _print_summary(s: dict, run_dir: str) -> None:
-    if "stopped_at" in s:
-        print(f"{s['kind']}: stopped after step {s['stopped_at']} of {s['max_steps']} with a checkpoint; continue "
-              f"with --resume {run_dir}")
-        return
-    print(f"{s['kind']}: test accuracy {100 * s['test_acc']:.2f}% ({s['evaluated']} weights) with "
-          f"{s['num_labels']} labels, {s['steps']} steps in {s['train_wall_s']:.0f} s; run directory: {run_dir}")
-
-
-def cli_finetune(args) -> int:
-    """``pretrain finetune``: see :func:`finetune`."""
-    if args.resume:
-        if args.run or args.from_scratch or args.recipe or args.labels:
-            raise ConfigError("--resume takes the run's own config.yaml; give only key=value overrides with it")
-        cfg = _resume_config(args.resume, args.overrides)
-        summary = finetune(cfg, resume=True)
-    else:
-        if args.from_scratch and args.run and args.run != "none":
-            raise ConfigError(f"--from-scratch and --run {args.run} contradict each other; give one of them")
-        if not args.from_scratch and not args.run:
-            raise ConfigError("give --run RUN_DIR (a pretrained run), --from-scratch or --resume RUN_DIR")
-        extra = [] if args.labels is None else [f"labels={check_fraction(args.labels, '--labels')}"]
-        run = "none" if args.from_scratch else args.run
-        cfg = load_finetune_config(args.recipe, [*args.overrides, *extra, f"run={run}"])
-        summary = finetune(cfg)
-    _print_summary(summary, cfg.run_dir)
-    return 0
-
-
-def cli_distill(args) -> int:
-    """``pretrain distill``: see :func:`distill`."""
-    if args.resume:
-        if args.teacher or args.student or args.recipe or args.labels:
-            raise ConfigError("--resume takes the run's own config.yaml; give only key=value overrides with it")
-        cfg = _resume_config(args.resume, args.overrides)
-        summary = distill(cfg, resume=True)
-    else:
-        if not args.teacher:
-            raise ConfigError("give --teacher RUN_DIR (a fine-tuned run) or --resume RUN_DIR")
-        extra = [f"distill.teacher={args.teacher}"]
-        if args.student:
-            if args.student not in list_backbones():
-                raise ConfigError(f"--student: unknown backbone '{args.student}'; valid backbones: "
-                                  f"{', '.join(list_backbones())}")
-            extra.append(f"student.backbone={args.student}")
-        if args.labels is not None:
-            extra.append(f"labels={check_fraction(args.labels, '--labels')}")
-        # by default the teacher's labelled subset, for the optional cross-entropy term
-        cfg = load_finetune_config(args.recipe, [*args.overrides, *extra], base=_teacher_labels(args.teacher))
-        summary = distill(cfg)
-    _print_summary(summary, cfg.run_dir)
-    return 0
-
-
-def _teacher_labels(teacher: str) -> dict:
+def teacher_labels(teacher: str | Path) -> dict:
     """``labels`` and ``label_seed`` of a fine-tuned teacher (the lowest-priority defaults of distill)."""
     path = Path(teacher) / "config.yaml"
     if not path.is_file():

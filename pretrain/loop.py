@@ -9,35 +9,31 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-from models import create_backbone
-
+from data.common import UserError
 from losses import all_reduce_mean
 
+from .batches import schema_of
 from .checkpoint import latest_checkpoint, read_meta, rng_state, save_checkpoint, save_weights, set_rng_state
-from .config import ConfigError, RunConfig, save_config, to_dict
-from .distributed import convert_to_global_bn
-from .engine import DeepSpeedEngine, PlainEngine, ds_config, init_distributed, zero_stage_of
-from .objectives import create_objective
+from .config import RunConfig, save_config, to_dict
+from .engines import ENGINES, NonFiniteLossError, build_engine, init_distributed
+from .objectives import create_objective, objective_class
 from .optim import build_optimizer
+from .parallel import ParallelLayout, convert_to_global_bn
 from .schedules import LRSchedule
+from .towers import build_tower, build_towers
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run cannot go on (diverged loss, bad resume directory); the message says why."""
 
 
 def build_backbone(cfg: RunConfig, in_chans: int, image_size: int):
-    """The backbone of a run, from ``cfg.model`` and the data's channels and size."""
-    m = cfg.model
-    if m.backbone.startswith("resnet"):
-        return create_backbone(m.backbone, in_chans=in_chans, stem=m.stem, norm=m.norm, width=m.width)
-    if m.backbone.startswith("vit"):
-        return create_backbone(m.backbone, in_chans=in_chans, image_size=image_size, patch_size=m.patch_size)
-    return create_backbone(m.backbone)
+    """The image tower of a run, from ``cfg.model.image`` and the data's channels and size."""
+    return build_tower(cfg.model, "image", in_chans=in_chans, image_size=image_size)
 
 
 def uses_channels_last(cfg: RunConfig, channels: int) -> bool:
-    """Whether the run keeps model and inputs in channels_last layout.
+    """Whether the run keeps model and image inputs in channels_last layout.
 
     Only for plain-engine runs on multi-channel images: DeepSpeed broadcasts and flattens
     contiguous parameter buffers, and with torch 2.14 on the CPU a 1-channel channels_last
@@ -48,45 +44,26 @@ def uses_channels_last(cfg: RunConfig, channels: int) -> bool:
 
 
 def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):
-    """Backbone plus objective for a run config and dataset."""
-    size = cfg.image_size or info.image_size
-    backbone = build_backbone(cfg, info.channels, size)
-    objective = create_objective(cfg.objective, backbone, cfg.objective_config)
+    """The objective of a run config with the towers it declares, sized by the data."""
+    cls = objective_class(cfg.objective)
+    sizes = schema_of(cls).tower_sizes(cfg, info)
+    towers = build_towers(cfg.model, cls.towers, sizes)
+    objective = create_objective(cfg.objective, towers, cfg.objective_config)
     if uses_channels_last(cfg, info.channels):
         objective = objective.to(memory_format=torch.channels_last)
     return objective
 
 
 def view_augments(cfg: RunConfig, objective, info: data_lib.DatasetInfo) -> list[data_lib.ViewAugment]:
-    """The augmentation of each view the objective takes: its two views, plus local views
-    (``aug.local_views``, default the objective's own count) for objectives with multi-crop."""
-    size = cfg.image_size or info.image_size
-    kind = cfg.aug.views or objective.view_recipe
-    a = cfg.aug
-    n_local = objective.local_views if a.local_views < 0 else a.local_views
-    if not objective.multi_crop:
-        if n_local > 0:
-            raise ConfigError(f"aug.local_views={n_local}: objective '{cfg.objective}' does not take local views "
-                              f"(multi-crop); set aug.local_views=0 or -1")
-        specs = data_lib.view_specs(kind, size, crop_scale=a.crop_scale, color=info.color, flip=info.flip,
-                                    jitter_strength=a.jitter_strength)
-    else:
-        # a ViT takes any multiple of its patch size (its positions are resampled)
-        multiple = cfg.model.patch_size if cfg.model.backbone.startswith("vit") else 1
-        if n_local > 0 and a.local_size % multiple:
-            raise ConfigError(f"aug.local_size={a.local_size} must be a multiple of model.patch_size={multiple} "
-                              f"for a ViT backbone")
-        try:
-            specs = data_lib.multicrop_specs(kind, size, n_local, a.local_size, crop_scale=a.crop_scale,
-                                             local_crop_scale=a.local_crop_scale, color=info.color, flip=info.flip,
-                                             jitter_strength=a.jitter_strength, size_multiple=multiple)
-        except ValueError as exc:
-            raise ConfigError(f"aug.{exc}") from None  # the message names the field
-    return [data_lib.ViewAugment(s, info.mean, info.std) for s in specs]
+    """The augmentation of each view a ``views`` objective takes (see :mod:`pretrain.batches`)."""
+    from .batches import ViewsSchema
+
+    return ViewsSchema().augments(cfg, objective, info)
 
 
 def effective_lr(cfg: RunConfig, world_size: int = 1) -> float:
-    """Base LR, linearly scaled with the global batch (lr * B / 256) when ``optim.scale_lr``."""
+    """Base LR, linearly scaled with the global batch (lr * B / 256) when ``optim.scale_lr``;
+    ``world_size`` is the number of data-parallel ranks."""
     o = cfg.optim
     global_batch = cfg.batch_size * o.grad_accum * world_size
     return o.lr * global_batch / 256 if o.scale_lr else o.lr
@@ -150,33 +127,22 @@ def plot_metrics(run_dir: str | Path, key: str = "loss") -> Path | None:
     return out
 
 
-def _scalars(out: dict, world: int = 1) -> dict:
-    """Scalar outputs as floats, averaged over ranks (every rank must call this together)."""
-    keys = sorted(k for k, v in out.items() if (isinstance(v, torch.Tensor) and v.numel() == 1)
-                  or isinstance(v, (int, float)))
-    vals = torch.tensor([float(out[k].detach()) if isinstance(out[k], torch.Tensor) else float(out[k])
-                         for k in keys], dtype=torch.float64)
-    if world > 1:
+def _scalars(metrics: dict, dp_size: int = 1) -> dict:
+    """An engine's metrics averaged over the data-parallel ranks (every rank must call this together)."""
+    keys = sorted(metrics)
+    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    if dp_size > 1:
         vals = all_reduce_mean(vals)
     return {k: float(v) for k, v in zip(keys, vals)}
 
 
-def build_engine(cfg: RunConfig, objective, world_size: int):
-    """Optimizer, LR schedule and the engine named by ``cfg.engine``."""
-    lr = effective_lr(cfg, world_size)
+def make_engine(cfg: RunConfig, objective, layout: ParallelLayout, channels_last: bool = False):
+    """Optimizer, LR schedule and the engine named by ``cfg.engine`` (see :mod:`pretrain.engines`)."""
+    lr = effective_lr(cfg, layout.dp)
     optimizer = build_optimizer(objective.param_groups(), cfg.optim.name, lr, cfg.optim.weight_decay,
                                 cfg.optim.momentum, cfg.optim.betas, cfg.optim.lars_eta)
     schedule = LRSchedule(optimizer, lr, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-    if cfg.engine == "plain":
-        return PlainEngine(objective, optimizer, schedule, cfg.precision, cfg.optim.grad_accum, cfg.optim.grad_clip)
-    stage = None if cfg.deepspeed.zero_stage < 0 else cfg.deepspeed.zero_stage
-    ds_cfg = ds_config(cfg.deepspeed.config, stage, cfg.batch_size, cfg.optim.grad_accum, world_size,
-                       cfg.optim.grad_clip)
-    stage = zero_stage_of(ds_cfg)
-    if stage >= 1 and cfg.optim.name == "lars":
-        raise ConfigError(f"optim.name=lars computes a trust ratio per layer, but ZeRO stage {stage} hands the "
-                          f"optimizer flattened partitions; use deepspeed.zero_stage=0, or optim.name=sgd|adamw")
-    return DeepSpeedEngine(objective, optimizer, schedule, ds_cfg, cfg.precision)
+    return build_engine(cfg, objective, optimizer, schedule, layout, channels_last=channels_last)
 
 
 def fit(cfg: RunConfig, resume: bool = False) -> Path:
@@ -186,22 +152,30 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     optimizer, LR schedule, EMA teacher, RNG states and data position) and training goes on
     to ``cfg.max_steps``; the losses continue exactly as in an uninterrupted run.
     Under ``engine=deepspeed`` every rank runs this function (started by the deepspeed launcher).
+
+    The loop reads no key of a batch and asks no model its type: the objective declares its
+    towers and batch schema (:mod:`pretrain.batches`), the engine takes whole optimizer steps.
     """
     run_dir = Path(cfg.run_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    rank, world = init_distributed(cfg.engine)
+    if ENGINES.meta(cfg.engine).get("distributed"):
+        init_distributed(cfg.engine)
+    layout = ParallelLayout.from_world().install()
+    rank, world = layout.rank, layout.world
+    dp_rank, dp = layout.dp_rank, layout.dp
     main = rank == 0
     barrier = _barrier if world > 1 else None
     torch.manual_seed(cfg.seed)
     train_ds = data_lib.build_dataset(cfg.data, "train", image_size=cfg.image_size or None, seed=cfg.seed)
     info = train_ds.info
     objective = build_model(cfg, info)
-    if world > 1 and cfg.model.global_bn:
+    if dp > 1 and cfg.model.global_bn:
         objective = convert_to_global_bn(objective)
-    engine = build_engine(cfg, objective, world)
+    channels_last = uses_channels_last(cfg, info.channels)
+    engine = make_engine(cfg, objective, layout, channels_last=channels_last)
     accum = cfg.optim.grad_accum
-    objective.on_train_start(steps_per_epoch=len(train_ds) // (cfg.batch_size * world) / accum)
+    objective.on_train_start(steps_per_epoch=len(train_ds) // (cfg.batch_size * dp) / accum)
 
     start = 0
     if resume:
@@ -225,12 +199,11 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    loader = data_lib.train_loader(train_ds, cfg.batch_size, view_augments(cfg, objective, info), seed=cfg.seed,
-                                   rank=rank, world_size=world, start_step=start * accum,
-                                   num_workers=cfg.num_workers)
+    collate = schema_of(objective).collate(cfg, objective, info, dp_rank, dp)
+    loader = data_lib.step_loader(train_ds, cfg.batch_size, collate, seed=cfg.seed, rank=dp_rank, world_size=dp,
+                                  start_step=start * accum, num_workers=cfg.num_workers)
     logger = MetricsLogger(run_dir, resume_step=start) if main else None
     skips = data_lib.SkipCounter()
-    channels_last = uses_channels_last(cfg, info.channels)
 
     def checkpoint(step: int) -> Path:
         rngs = _gather_objects(rng_state(), world)
@@ -241,7 +214,18 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                   "objective_extra_by_rank": {str(r): e for r, e in enumerate(extras)}}
         return save_checkpoint(run_dir, step, lambda d: engine.save(d, client),
                                {"config": to_dict(cfg), "world_size": world, "engine": cfg.engine,
-                                "objective": cfg.objective}, keep_last=cfg.keep_last, rank=rank, barrier=barrier)
+                                "objective": cfg.objective, "layout": layout.describe()},
+                               keep_last=cfg.keep_last, rank=rank, barrier=barrier)
+
+    def next_batch(step: int) -> dict:
+        """The next batch with at least 2 readable samples (unreadable files are counted and named)."""
+        for _ in range(100):
+            batch = next(it)
+            skips.update(batch)
+            if data_lib.batch_len(batch) >= 2:
+                return batch
+        raise RunError(f"step {step}: 100 batches in a row had fewer than 2 readable samples "
+                       f"({skips.count} unreadable files so far); check the data")
 
     from tqdm.auto import tqdm
 
@@ -255,32 +239,18 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     warned = False  # an objective's warning about its metrics is printed once per run
     try:
         for step in range(start, end):
-            for _ in range(accum):
-                batch = next(it)
-                skips.update(batch)
-                drawn = 1
-                while not batch["views"] or batch["views"][0].shape[0] < 2:  # (nearly) all files unreadable
-                    if drawn >= 100:
-                        raise RunError(f"step {step}: 100 batches in a row had fewer than 2 readable images "
-                                       f"({skips.count} unreadable files so far); check the data")
-                    batch = next(it)
-                    skips.update(batch)
-                    drawn += 1
-                if channels_last:
-                    batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
-                out = engine(batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise RunError(f"loss became {float(loss)} at step {step}; lower optim.lr "
-                                   f"(now {cfg.optim.lr}) or use precision=fp32")
-                engine.backward(loss)
-                engine.step()
-                seen += batch["views"][0].shape[0] * world
+            micro_batches = [next_batch(step) for _ in range(accum)]
+            try:
+                metrics = engine.train_step(micro_batches)
+            except NonFiniteLossError as exc:
+                raise RunError(f"loss became {exc.value} at step {step}; lower optim.lr (now {cfg.optim.lr}) "
+                               f"or use precision=fp32") from None
+            seen += sum(data_lib.batch_len(b) for b in micro_batches) * dp
             objective.on_step_end(step, cfg.max_steps)
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == end or done == start + 1:
-                rec = _scalars(out, world)
+                rec = _scalars(metrics, dp)
                 if main:
                     dt = time.perf_counter() - t0
                     rec = {"step": done, **rec, "lr": engine.lr, "images_per_s": seen / max(dt, 1e-9),
@@ -300,12 +270,13 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
             logger.close()
     state = engine.full_state_dict(last_ckpt)
     if main:
+        towers = {t: getattr(cfg.model, t).backbone for t in objective.towers}
         save_weights(run_dir / "weights.safetensors", state,
-                     {"objective": cfg.objective, "backbone": cfg.model.backbone, "format": "ssl-pretrain/1",
-                      "config": json.dumps(to_dict(cfg))})
+                     {"objective": cfg.objective, "backbone": cfg.model.image.backbone, "format": "ssl-pretrain/1",
+                      "towers": json.dumps(towers), "config": json.dumps(to_dict(cfg))})
         plot_metrics(run_dir, "loss")
-        summary = {"steps": end, "max_steps": cfg.max_steps, "world_size": world, "engine": cfg.engine,
-                   "skipped_files": skips.count, "skipped": sorted(skips.files),
+        summary = {"steps": end, "max_steps": cfg.max_steps, "world_size": world, "layout": layout.describe(),
+                   "engine": cfg.engine, "skipped_files": skips.count, "skipped": sorted(skips.files),
                    "wall_s": round(time.perf_counter() - t0, 2)}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         if skips.count:

@@ -61,6 +61,12 @@ class LARS(Optimizer):
 def build_optimizer(param_groups: list[dict], name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     betas=(0.9, 0.999), lars_eta: float = 0.001) -> Optimizer:
     """Build an optimizer; groups that set their own ``weight_decay`` keep it."""
+    from .config import ConfigError
+
+    if name == "lars" and not lars_eta > 0:
+        raise ConfigError(f"optim.lars_eta must be > 0; got {lars_eta}")
+    if lr < 0:
+        raise ConfigError(f"optim.lr must be >= 0; got {lr}")
     groups = []
     for g in param_groups:
         g = dict(g)
@@ -74,4 +80,4 @@ def build_optimizer(param_groups: list[dict], name: str, lr: float, weight_decay
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta)
-    raise ValueError(f"unknown optimizer '{name}'; valid: sgd, adamw, lars")
+    raise ConfigError(f"unknown optimizer '{name}'; valid: sgd, adamw, lars")

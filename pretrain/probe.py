@@ -2,18 +2,18 @@
 measured by the same probes (raw pixels, and the same backbone at random initialisation)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import yaml
 
 import data as data_lib
+from data.common import UnknownNameError, write_json, write_text
 from eval_probes import extract_features, knn_probe, linear_probe
 
-from .checkpoint import load_weights
+from .checkpoint import RunDirError, load_weights
 from .config import RunConfig, build_config
-from .engine import autocast_context
+from .engines import autocast_context
 from .loop import RunError, build_model, uses_channels_last
 
 PROBES = ("linear", "knn")
@@ -29,7 +29,7 @@ def run_datasets(cfg: RunConfig):
 def read_run_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"'{run_dir}' is not a run directory (no config.yaml)")
+        raise RunDirError(f"'{run_dir}' is not a run directory (no config.yaml)")
     return build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
@@ -70,7 +70,8 @@ def probe_features(cfg: RunConfig, embed, datasets, probes=PROBES, progress: boo
     """Run the requested probes on ``embed``'s features of ``datasets`` = (train, test)."""
     bad = [p for p in probes if p not in PROBES]
     if bad:
-        raise ValueError(f"unknown probe '{bad[0]}'; valid probes: {', '.join(PROBES)}, all")
+        raise UnknownNameError(f"unknown probe '{bad[0]}'; valid probes: {', '.join(PROBES)}, all", kind="probe",
+                               name=bad[0], valid=PROBES)
     train, test = datasets
     side = cfg.image_size or train.info.image_size
     xtr, ytr = extract_features(embed, data_lib.eval_loader(train, side), desc=f"{desc} train", progress=progress)
@@ -101,9 +102,9 @@ def probe_run(run_dir: str | Path, probes=PROBES, baselines: bool | None = None,
             cfg, _embed_fn(random_model, cfg), datasets, probes, progress, desc="random-init")
         rows["raw pixels"] = probe_features(cfg, _pixels, datasets, probes, progress, desc="pixels")
     result = {"run": str(run_dir), "data": cfg.data, "seed": cfg.seed, "rows": rows}
-    (run_dir / "probes.json").write_text(json.dumps(result, indent=1, default=float))
+    write_json(run_dir / "probes.json", result, default=float)
     table = format_table(rows, probes)
-    (run_dir / "probes.md").write_text(table + "\n")
+    write_text(run_dir / "probes.md", table + "\n")
     return result
 
 

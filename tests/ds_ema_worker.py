@@ -17,7 +17,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from models import create_backbone  # noqa: E402
-from pretrain.engine import DeepSpeedEngine, ds_config, init_distributed, shutdown_distributed  # noqa: E402
+from pretrain.engines import DeepSpeedEngine, ds_config, init_distributed, shutdown_distributed  # noqa: E402
 from pretrain.objectives import create_objective  # noqa: E402
 from pretrain.schedules import LRSchedule  # noqa: E402
 

@@ -1,5 +1,5 @@
 """A deepspeed-launched worker for the engine tests: a linear-regression model stepped through
-:class:`pretrain.engine.DeepSpeedEngine` with gradient accumulation and clipping.
+:class:`pretrain.engines.DeepSpeedEngine` with gradient accumulation and clipping.
 
     deepspeed --num_gpus 2 tests/ds_engine_worker.py OUT.json ZERO_STAGE GRAD_ACCUM GRAD_CLIP STEPS
 
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrain.engine import DeepSpeedEngine, ds_config, init_distributed, shutdown_distributed  # noqa: E402
+from pretrain.engines import DeepSpeedEngine, ds_config, init_distributed, shutdown_distributed  # noqa: E402
 from pretrain.schedules import LRSchedule  # noqa: E402
 
 MICRO, DIM = 4, 6
@@ -49,16 +49,13 @@ def main(out, stage, accum, clip, steps):
     sched = LRSchedule(opt, 0.05, steps, 2, 0.1)
     cfg = ds_config("", stage, MICRO, accum, world, clip)
     engine = DeepSpeedEngine(model, opt, sched, cfg)
-    lrs, boundaries = [], []
+    lrs, losses = [], []
     for x, y in global_batches(steps, MICRO * accum * world):
         # rank r takes micro-batches r, r + world, ... so the union over ranks is the global batch
-        for a in range(accum):
-            i = (a * world + rank) * MICRO
-            res = engine({"x": x[i:i + MICRO], "y": y[i:i + MICRO]})
-            engine.backward(res["loss"])
-            engine.step()
-            boundaries.append(engine.is_boundary)
+        micro = [{"x": x[i:i + MICRO], "y": y[i:i + MICRO]} for i in ((a * world + rank) * MICRO for a in range(accum))]
+        losses.append(engine.train_step(micro)["loss"])
         lrs.append(engine.lr)
+    boundaries = [engine.steps]
     state = engine.full_state_dict()
     if rank == 0:
         with open(out, "w") as f:

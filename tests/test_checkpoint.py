@@ -70,17 +70,17 @@ def test_export_plain_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "pretrain", "fit", "--recipe", "launch/recipes/simclr_mnist5k.yaml",
+    r = subprocess.run([sys.executable, "-m", "launch", "fit", "--recipe", "launch/recipes/simclr_mnist5k.yaml",
                         "data=digits", "image_size=16", "model.width=8", "batch_size=32", "max_steps=2",
                         "precision=fp32", "progress=false", "checkpoint_every=1", "keep_last=3", f"run_dir={run}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(run), "--step", "1", "--out",
+    r = subprocess.run([sys.executable, "-m", "launch", "export", "--run", str(run), "--step", "1", "--out",
                         str(tmp_path / "s1.safetensors")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     w1, w2 = load_file(str(tmp_path / "s1.safetensors")), load_file(str(run / "weights.safetensors"))
     assert set(w1) == set(w2)
     assert not torch.equal(w1["backbone.conv1.weight"], w2["backbone.conv1.weight"])  # step 1 != step 2
-    r = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(run), "--step", "7"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "launch", "export", "--run", str(run), "--step", "7"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no checkpoint for step 7" in r.stderr and "available steps: [1, 2]" in r.stderr

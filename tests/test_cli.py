@@ -14,7 +14,7 @@ TINY = ["data=digits", "image_size=16", "model.width=8", "batch_size=32", "preci
 
 
 def pretrain(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "launch", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"pretrain {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")

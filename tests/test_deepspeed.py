@@ -34,7 +34,7 @@ def launch(*args, ranks=2, check=True, port=None):
 
 
 def plain(*args):
-    r = subprocess.run([sys.executable, "-m", "pretrain", "fit", *args], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "launch", "fit", *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=900, env=_env())
     assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -94,7 +94,7 @@ def test_zero3_simclr_runs_and_exports(tmp_path):
     run = tmp_path / "z3"
     launch(*recipe("simclr"), *TINY, "batch_size=16", "max_steps=3", "engine=deepspeed", "deepspeed.zero_stage=3",
            f"run_dir={run}")
-    r = subprocess.run([sys.executable, "-m", "pretrain", "probe", "--run", str(run), "--probe", "knn", "--quiet",
+    r = subprocess.run([sys.executable, "-m", "launch", "probe", "--run", str(run), "--probe", "knn", "--quiet",
                         "--no-baselines"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "simclr (resnet18, trained)" in r.stdout
@@ -102,7 +102,7 @@ def test_zero3_simclr_runs_and_exports(tmp_path):
     from safetensors.torch import load_file
     import torch
 
-    r = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(run), "--out", str(tmp_path / "x.st")],
+    r = subprocess.run([sys.executable, "-m", "launch", "export", "--run", str(run), "--out", str(tmp_path / "x.st")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(str(tmp_path / "x.st")), load_file(str(run / "weights.safetensors"))

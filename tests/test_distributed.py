@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dist_helpers import run_distributed
-from pretrain.distributed import GlobalBatchNorm, convert_to_global_bn
+from pretrain.parallel import GlobalBatchNorm, convert_to_global_bn
 
 
 def _net():

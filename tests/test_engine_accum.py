@@ -20,7 +20,7 @@ from dist_helpers import find_free_port
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ds_engine_worker import MICRO, Regression, global_batches  # noqa: E402
 
-from pretrain.engine import PlainEngine  # noqa: E402
+from pretrain.engines import PlainEngine  # noqa: E402
 from pretrain.schedules import LRSchedule, warmup_cosine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +38,9 @@ def run_plain(global_batch: int, accum: int, clip: float, steps: int = STEPS):
     lrs, boundaries, norms = [], [], []
     micro = global_batch // accum
     for x, y in global_batches(steps, global_batch):
-        for a in range(accum):
-            out = engine({"x": x[a * micro:(a + 1) * micro], "y": y[a * micro:(a + 1) * micro]})
-            engine.backward(out["loss"])
-            engine.step()
-            boundaries.append(engine.is_boundary)
+        engine.train_step([{"x": x[a * micro:(a + 1) * micro], "y": y[a * micro:(a + 1) * micro]}
+                           for a in range(accum)])
+        boundaries.append(engine.steps)
         lrs.append(engine.lr)
         norms.append(engine.last_grad_norm)
     return {"weight": model.lin.weight.detach().flatten().tolist(), "bias": model.lin.bias.detach().tolist(),
@@ -59,7 +57,7 @@ def test_plain_accumulation_equals_one_large_batch(clip):
     big = run_plain(16, 1, clip)
     acc = run_plain(16, 4, clip)
     close(acc, big, 1e-6)
-    assert acc["boundaries"] == [False, False, False, True] * STEPS
+    assert acc["boundaries"] == list(range(1, STEPS + 1))  # one optimizer step per train_step
     # the schedule counts optimizer steps, not micro-batches
     assert acc["lrs"] == pytest.approx([0.05 * warmup_cosine(i + 1, STEPS, 2, 0.1) for i in range(STEPS)])
 
@@ -99,7 +97,7 @@ def test_deepspeed_accumulation_and_clipping_match_one_process(tmp_path, stage, 
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     got = _result(out)
     assert got["world"] == 2
-    assert got["boundaries"] == [False, True] * STEPS
+    assert got["boundaries"] == [STEPS]
     close(got, run_plain(MICRO * 2 * 2, 1, clip), 1e-5)  # 2 ranks x 2 micro-batches x MICRO
 
 

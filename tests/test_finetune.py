@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import data as data_lib
 from losses import distillation_loss
 from models import MLPHead, create_backbone, layer_ids, list_backbones, num_blocks, num_layers
-from pretrain.cli import main
+from launch.cli import main
 from pretrain.config import ConfigError
 from pretrain.finetune import (Classifier, DistillTask, evaluate, init_from_run, labelled_subset, load_classifier,
                                param_groups)
@@ -66,9 +66,12 @@ def test_labelled_subset_is_class_balanced_seeded_and_deterministic():
 
 
 def _tiny(name):
-    if name.startswith("resnet"):
-        return create_backbone(name, in_chans=1, width=8)
-    return create_backbone(name, in_chans=1, image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    """A small instance of any registered backbone: each factory takes the sizes it knows."""
+    from pretrain.config import TowerConfig
+    from pretrain.towers import tower_kwargs
+
+    tower = TowerConfig(backbone=name, width=8, patch_size=4, depth=2, embed_dim=32, num_heads=2, heads=2)
+    return create_backbone(name, **tower_kwargs(tower, in_chans=1, image_size=16, vocab_size=64, context_length=16))
 
 
 @pytest.mark.parametrize("name", list_backbones())

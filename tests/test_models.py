@@ -1,7 +1,7 @@
-"""Tests for models/: registry, ResNet, ViT, heads and EMA utilities.
+"""Tests for models/: registry, ResNet, ViT, text tower, heads and EMA utilities.
 
-All models are tiny (ResNet width 8, ViT depth 2 / dim 32 on 16x16 images) so
-the file runs in a few seconds on CPU.
+All models are tiny (ResNet width 8, ViT depth 2 / dim 32 on 16x16 images, text tower
+depth 2 / width 32 on 12 tokens) so the file runs in a few seconds on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from models import (
     MLPHead,
     ModelEMA,
     ResNet,
+    TextTransformer,
     VisionTransformer,
     WSConv2d,
     WSLinear,
@@ -29,6 +30,8 @@ from models.resnet import num_groups_for
 
 TINY_VIT = dict(image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
 N_PATCHES = (16 // 4) ** 2
+TINY_TEXT = dict(vocab_size=64, context_length=16, width=32, depth=2, heads=2)
+TEXT_LEN = 12
 
 
 def tiny_kwargs(name: str) -> dict:
@@ -36,7 +39,17 @@ def tiny_kwargs(name: str) -> dict:
         return dict(width=8)
     if name.startswith("vit"):
         return dict(TINY_VIT)
+    if name.startswith("text"):
+        return dict(TINY_TEXT)
     return {}
+
+
+def example_input(model: nn.Module) -> torch.Tensor:
+    """Two inputs for ``model``: token ids for a text tower, images otherwise."""
+    if isinstance(model, TextTransformer):
+        return torch.randint(1, model.vocab_size, (2, TEXT_LEN))
+    size = getattr(model, "image_size", 16)
+    return torch.randn(2, 3, size, size)
 
 
 def tiny_vit(**kw) -> VisionTransformer:
@@ -56,7 +69,7 @@ def _seed():
 
 def test_registry_lists_expected_backbones():
     names = list_backbones()
-    for n in ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"):
+    for n in ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base", "text_tiny", "text_small", "text_base"):
         assert n in names
     assert names == sorted(names)
 
@@ -109,13 +122,14 @@ def test_register_backbone_custom_and_duplicate():
 @pytest.mark.parametrize("name", list_backbones())
 def test_backbone_contract(name):
     model = create_backbone(name, **tiny_kwargs(name))
-    size = getattr(model, "image_size", 16)
-    x = torch.randn(2, 3, size, size)
+    x = example_input(model)
 
     assert isinstance(model.embed_dim, int) and model.embed_dim > 0
     feats = model.forward_features(x)
     if isinstance(model, VisionTransformer):
         assert feats.shape == (2, 1 + model.num_patches, model.embed_dim)
+    elif isinstance(model, TextTransformer):
+        assert feats.shape == (2, TEXT_LEN, model.embed_dim)
     else:
         assert feats.ndim == 4 and feats.shape[:2] == (2, model.embed_dim)
 

@@ -17,7 +17,7 @@ from eval_probes.search.embed import EmbeddingStore, embed_dataset, write_embedd
 from eval_probes.search.index import SearchIndex, build_index, choose_index, l2_normalize, parse_memory
 from eval_probes.search.metrics import ndcg_at_k, recall_at_k, time_queries
 from eval_probes.search.rerank import Reranker, get_reranker, register_reranker
-from pretrain.cli import main as pretrain_main
+from launch.cli import main as pretrain_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

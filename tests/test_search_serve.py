@@ -278,7 +278,7 @@ def test_browser_types_a_query_and_sees_result_images(mnist_server):
 def test_serve_cli_busy_port_is_one_line(mnist_index, capsys):
     import socket
 
-    from pretrain.cli import main
+    from launch.cli import main
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -262,7 +262,7 @@ def test_text_query_for_a_digit_class_returns_that_class(aligned):
 
 
 def _run(argv, capsys):
-    from pretrain.cli import main
+    from launch.cli import main
 
     try:
         rc = main(argv)

@@ -12,7 +12,7 @@ from dist_helpers import run_distributed
 from losses import sinkhorn, swav_loss
 from models import create_backbone
 from pretrain.config import ConfigError, load_config
-from pretrain.engine import PlainEngine
+from pretrain.engines import PlainEngine
 from pretrain.loop import fit, view_augments
 from pretrain.objectives import create_objective
 from pretrain.schedules import LRSchedule
@@ -273,7 +273,7 @@ def _deepspeed_worker(rank, world_size, stage):
 
     os.environ["LOCAL_RANK"] = str(rank)  # what the deepspeed launcher sets
 
-    from pretrain.engine import DeepSpeedEngine, ds_config
+    from pretrain.engines import DeepSpeedEngine, ds_config
     from pretrain.optim import build_optimizer
 
     torch.manual_seed(0)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+import dataclasses
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 
 from losses import clip_loss
 
+from data.common import atomic_dir
+from data.common.config import fill, parse_overrides
+
 from . import SearchError
-from .embed import publish_dir
 from .text import TextEncoder, get_text_encoder
 
 __all__ = ["AlignConfig", "AlignmentHeads", "train_alignment", "align_embeddings", "pair_captions"]
@@ -180,17 +182,10 @@ class AlignmentHeads(nn.Module):
         from safetensors.torch import save_file
 
         out = Path(out_dir).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with atomic_dir(out) as tmp:
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "heads.safetensors"))
             (tmp / "heads.json").write_text(json.dumps(self.config_json(), indent=1, default=str))
-            publish_dir(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod
@@ -353,12 +348,11 @@ def align_embeddings(emb_dir: str | os.PathLike, captions_path: str | os.PathLik
     return heads
 
 
-def config_from_overrides(overrides: dict) -> AlignConfig:
-    """An :class:`AlignConfig` from ``{field: value}``; unknown fields are an error that lists the valid ones."""
-    names = {f.name: f.type for f in fields(AlignConfig)}
-    cfg = AlignConfig()
-    for k, v in overrides.items():
-        if k not in names:
-            raise SearchError(f"align: unknown setting '{k}'; valid settings: {', '.join(names)}")
-        setattr(cfg, k, v)
+def config_from_overrides(overrides, base: AlignConfig | None = None) -> AlignConfig:
+    """An :class:`AlignConfig` from ``key=value`` strings (or a ``{field: value}`` dict) on top of
+    ``base``, through the project's one config mechanism: values take the field's type, and an
+    unknown key or a bad value is a ConfigError naming it and the valid ones."""
+    cfg = dataclasses.replace(base) if base is not None else AlignConfig()
+    values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    fill(cfg, values, "align.")
     return cfg

@@ -21,20 +21,20 @@ Captions file (JSONL, one record per captioned image)::
 """
 from __future__ import annotations
 
-import difflib
-import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
+
+from data.common import Registry, UnknownNameError, UserError
+from data.common.atomic import read_jsonl, write_jsonl
 
 __all__ = ["Captioner", "DigitCaptioner", "ClassNameCaptioner", "register_captioner", "get_captioner",
            "list_captioners", "default_captioner", "digit_attributes", "skeletonize", "attribute_quantiles",
            "write_captions", "read_captions", "caption_dataset", "NamedQuery", "digit_queries",
-           "CaptionError", "DIGIT_WORDS"]
+           "CaptionError", "UnknownCaptionerError", "CAPTIONERS", "DIGIT_WORDS", "DIGIT_DATASETS"]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -42,8 +42,12 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 DIGIT_DATASETS = ("mnist5k", "digits")
 
 
-class CaptionError(ValueError):
+class CaptionError(UserError, ValueError):
     """A captions file or captioner request that cannot be used; the message names it."""
+
+
+class UnknownCaptionerError(UnknownNameError, CaptionError):
+    """A captioner name that is not registered."""
 
 
 # --------------------------------------------------------------------------- pixel measurements
@@ -192,29 +196,21 @@ class Captioner(ABC):
         """
 
 
-_CAPTIONERS: dict[str, Callable[[], Captioner]] = {}
+#: Captioner name -> class (or zero-argument factory).
+CAPTIONERS: Registry = Registry("captioner", error=UnknownCaptionerError)
 
 
 def register_captioner(name: str):
     """Register a captioner class (or zero-argument factory) under ``name``."""
-
-    def deco(factory):
-        _CAPTIONERS[name] = factory
-        return factory
-
-    return deco
+    return CAPTIONERS.register(name)
 
 
 def list_captioners() -> list[str]:
-    return sorted(_CAPTIONERS)
+    return CAPTIONERS.names()
 
 
 def get_captioner(name: str) -> Captioner:
-    if name not in _CAPTIONERS:
-        near = difflib.get_close_matches(name, list(_CAPTIONERS), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise CaptionError(f"unknown captioner '{name}'{hint}; valid captioners: {', '.join(list_captioners())}")
-    return _CAPTIONERS[name]()
+    return CAPTIONERS.get(name)()
 
 
 def default_captioner(spec: str) -> str:
@@ -407,20 +403,7 @@ def caption_dataset(dataset, spec: str, split: str, fraction: float, seed: int =
 
 def write_captions(records: Iterable[dict], path: str | Path) -> Path:
     """Write records as JSONL atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            for r in records:
-                fh.write(json.dumps(r) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_jsonl(path, records)
 
 
 def read_captions(path: str | Path) -> list[dict]:
@@ -429,19 +412,12 @@ def read_captions(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise CaptionError(f"captions file '{path}' does not exist")
     records = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CaptionError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(r, dict) or not isinstance(r.get("id"), int) or isinstance(r.get("id"), bool):
-                raise CaptionError(f"{path}:{lineno}: expected an object with an integer 'id'")
-            if not isinstance(r.get("caption"), str) or not r["caption"].strip():
-                raise CaptionError(f"{path}:{lineno}: expected a non-empty string 'caption'")
-            records.append(r)
+    for lineno, r in read_jsonl(path, lambda n, exc: CaptionError(f"{path}:{n}: not valid JSON ({exc.msg})")):
+        if not isinstance(r, dict) or not isinstance(r.get("id"), int) or isinstance(r.get("id"), bool):
+            raise CaptionError(f"{path}:{lineno}: expected an object with an integer 'id'")
+        if not isinstance(r.get("caption"), str) or not r["caption"].strip():
+            raise CaptionError(f"{path}:{lineno}: expected a non-empty string 'caption'")
+        records.append(r)
     if not records:
         raise CaptionError(f"captions file '{path}' holds no records")
     return records

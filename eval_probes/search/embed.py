@@ -17,29 +17,29 @@ Encoders are functions ``embed_fn(images) -> Tensor [B, D]`` over raw ``uint8 [B
 images of any size: each encoder converts channels, resizes and normalises for itself. The
 packaged encoder is ImageNet-pretrained EfficientNet-Lite0 (Tan & Le, "EfficientNet: Rethinking
 Model Scaling for Convolutional Neural Networks", ICML 2019); a run of this project is loaded by
-a loader that ``pretrain`` registers (this package never imports ``pretrain`` itself).
+a loader that ``pretrain`` registers when :mod:`pretrain.encoders` is imported (this package
+never imports ``pretrain`` itself).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import SearchError
+from data.common import Registry, atomic_dir, atomic_file, remove_temporaries, write_json
 
-__all__ = ["EmbeddingStore", "embed_dataset", "load_encoder", "register_encoder", "list_encoders",
-           "register_run_loader", "LoadedEncoder", "dataset_items", "write_json_atomic", "publish_dir", "write_embeddings",
-           "prepare_images"]
+from . import SearchError, SearchPathError, UnknownSearchNameError
+
+__all__ = ["EmbeddingStore", "embed_dataset", "load_encoder", "register_encoder", "list_encoders", "ENCODERS",
+           "register_run_loader", "run_loader", "LoadedEncoder", "dataset_items", "write_embeddings",
+           "prepare_images", "embedding_meta"]
 
 FORMAT = 1
 DTYPES = ("float16", "float32")
@@ -49,42 +49,10 @@ DTYPES = ("float16", "float32")
 # small file helpers
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Put the fully written directory ``tmp`` in place of ``out``: its files are flushed to disk,
-    then renamed over; a previous ``out`` is kept under a side name until the swap is done, so a
-    crash at any point leaves either the old or the new directory complete."""
-    for p in tmp.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """One ``.npy`` file, written atomically (see :mod:`data.common.atomic`)."""
+    with atomic_file(path, "wb") as f:
         np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _shard_name(s: int) -> str:
@@ -115,7 +83,7 @@ class EmbeddingStore:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not self.path.is_dir():
-            raise SearchError(f"embeddings directory '{self.path}' does not exist")
+            raise SearchPathError(f"embeddings directory '{self.path}' does not exist")
         if not meta_path.is_file():
             raise SearchError(f"'{self.path}' is not an embeddings directory (no meta.json; "
                               f"write one with 'pretrain embed')")
@@ -305,15 +273,12 @@ def embed_dataset(
         meta["dim"] = old.get("dim")
         if old.get("complete") and all((out / _ids_name(s)).is_file() for s in range(num_shards)):
             return EmbeddingStore(out)
-    for p in out.glob(".*.tmp-*"):  # leftovers of an interrupted write
-        p.unlink(missing_ok=True)
+    remove_temporaries(out)  # leftovers of an interrupted write
     if not (out / "items.jsonl").is_file():
-        tmp = out / f".items.jsonl.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_file(out / "items.jsonl", "w") as f:
             for it in dataset_items(dataset)[:n]:
                 f.write(json.dumps(it) + "\n")
-        os.replace(tmp, out / "items.jsonl")
-    write_json_atomic(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)
 
     todo = [s for s in range(num_shards) if not (out / _ids_name(s)).is_file()]
     done_images = sum(min(shard_size, n - s * shard_size) for s in range(num_shards) if s not in todo)
@@ -344,7 +309,7 @@ def embed_dataset(
             dim = vecs[0].shape[1] if vecs else meta["dim"]
             if meta["dim"] is None and dim is not None:
                 meta["dim"] = int(dim)
-                write_json_atomic(out / "meta.json", meta)
+                write_json(out / "meta.json", meta)
             elif dim is not None and int(dim) != meta["dim"]:
                 raise SearchError(f"the encoder gives {dim}-d embeddings but '{out}' holds {meta['dim']}-d ones")
             arr = np.concatenate(vecs) if vecs else np.zeros((0, meta["dim"] or 0), np_dtype)
@@ -355,7 +320,7 @@ def embed_dataset(
     if skipped:
         warnings.warn(f"{skipped} unreadable image(s) were left out of the embeddings", stacklevel=2)
     meta["complete"] = True
-    write_json_atomic(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)
     return EmbeddingStore(out)
 
 
@@ -374,22 +339,20 @@ def write_embeddings(out_dir: str | os.PathLike, ids: np.ndarray, vectors: np.nd
     out = Path(out_dir)
     if out.exists():
         raise SearchError(f"'{out}' exists; write embeddings to a new directory")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
     num_shards = max(1, (len(ids) + shard_size - 1) // shard_size)
-    for s in range(num_shards):
-        lo, hi = s * shard_size, (s + 1) * shard_size
-        np.save(tmp / _shard_name(s), np.asarray(vectors[lo:hi], dtype=dtype))
-        np.save(tmp / _ids_name(s), ids[lo:hi])
-    with open(tmp / "items.jsonl", "w") as f:
-        for it in items if items is not None else ({"id": int(i), "path": None, "label": None} for i in ids):
-            f.write(json.dumps(it) + "\n")
     meta = {"format": FORMAT, "dim": int(vectors.shape[1]), "dtype": dtype, "count": int(len(ids)),
             "shard_size": int(shard_size), "num_shards": num_shards, "complete": True,
             "encoder": {"kind": "external", "name": None, "run_dir": None}, "data": {}}
     meta.update(meta_extra or {})
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        for s in range(num_shards):
+            lo, hi = s * shard_size, (s + 1) * shard_size
+            np.save(tmp / _shard_name(s), np.asarray(vectors[lo:hi], dtype=dtype))
+            np.save(tmp / _ids_name(s), ids[lo:hi])
+        with open(tmp / "items.jsonl", "w") as f:
+            for it in items if items is not None else ({"id": int(i), "path": None, "label": None} for i in ids):
+                f.write(json.dumps(it) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     return EmbeddingStore(out)
 
 
@@ -428,33 +391,34 @@ def prepare_images(images: torch.Tensor, size: int, channels: int, mean, std) ->
     return ((x - m) / s).contiguous()
 
 
-@dataclass
-class _EncoderEntry:
-    factory: Callable[..., LoadedEncoder]
-    description: str
-
-
-_ENCODERS: Dict[str, _EncoderEntry] = {}
-_RUN_LOADER: list = []
+#: Packaged encoder name -> factory ``(image_size=None) -> LoadedEncoder``; meta: ``description``.
+ENCODERS: Registry = Registry("encoder", error=UnknownSearchNameError)
+#: The loader of training runs, ``fn(run_dir, image_size=None) -> LoadedEncoder``, under the name "run".
+_RUN_LOADERS: Registry = Registry("run loader")
 
 
 def register_encoder(name: str, description: str = ""):
     """Register a packaged encoder ``factory(image_size=None) -> LoadedEncoder`` under ``name``."""
-
-    def deco(fn):
-        _ENCODERS[name] = _EncoderEntry(fn, description)
-        return fn
-
-    return deco
+    return ENCODERS.register(name, description=description)
 
 
 def list_encoders() -> list[str]:
-    return sorted(_ENCODERS)
+    return ENCODERS.names()
 
 
 def register_run_loader(fn: Callable[..., LoadedEncoder]) -> None:
-    """Install the loader of training runs, ``fn(run_dir) -> LoadedEncoder`` (``pretrain`` does this)."""
-    _RUN_LOADER[:] = [fn]
+    """Install the loader of training runs, ``fn(run_dir, image_size=None) -> LoadedEncoder``.
+
+    Importing :mod:`pretrain.encoders` installs the loader of this project's runs; installing
+    another replaces it.
+    """
+    _RUN_LOADERS.pop("run", None)
+    _RUN_LOADERS.register("run", fn)
+
+
+def run_loader() -> Optional[Callable[..., LoadedEncoder]]:
+    """The installed loader of training runs, or None."""
+    return _RUN_LOADERS.get("run") if "run" in _RUN_LOADERS else None
 
 
 @register_encoder("efficientnet_lite0", "ImageNet-pretrained EfficientNet-Lite0 (1280-d pooled features), "
@@ -510,14 +474,29 @@ def load_encoder(run_dir: Optional[str | os.PathLike] = None, encoder_name: Opti
 
     Raises:
         SearchError: If neither or both are given, or the name is unknown.
+        RuntimeError: If a run is asked for and no run loader is registered (``import pretrain.encoders``).
     """
     if (run_dir is None) == (encoder_name is None):
         raise SearchError("give exactly one encoder: a run directory (--run) or a packaged encoder (--encoder)")
     if encoder_name is not None:
-        if encoder_name not in _ENCODERS:
-            raise SearchError(f"unknown encoder '{encoder_name}'; valid encoders: {', '.join(list_encoders())}")
-        return _ENCODERS[encoder_name].factory(image_size=image_size)
-    if not _RUN_LOADER:
-        # the loader of runs lives with the training code; importing it registers it
-        importlib.import_module("pretrain.search_cli").register_run_encoder()
-    return _RUN_LOADER[0](run_dir, image_size=image_size)
+        return ENCODERS.get(encoder_name)(image_size=image_size)
+    loader = run_loader()
+    if loader is None:
+        raise RuntimeError("no loader of training runs is registered: `import pretrain.encoders` first "
+                           "(it registers the loader of this project's runs), or install one with "
+                           "eval_probes.search.embed.register_run_loader()")
+    return loader(run_dir, image_size=image_size)
+
+
+def embedding_meta(encoder_name: Optional[str] = None, run_dir: Optional[str | os.PathLike] = None,
+                   image_size: Optional[int] = None, data_spec: str = "", split: str = "train") -> dict:
+    """The ``encoder`` and ``data`` entries of an ``EMB_DIR``'s ``meta.json`` (see :func:`embed_dataset`'s
+    ``meta_extra``): which encoder made the embeddings, so that a query image can be embedded the
+    same way, and which images they are of."""
+    root = (str(Path(data_spec[len("folder:"):]).expanduser().resolve()) if data_spec.startswith("folder:")
+            else None)
+    return {"encoder": {"kind": "run" if run_dir else "packaged",
+                        "name": encoder_name or Path(run_dir).resolve().name,
+                        "run_dir": str(Path(run_dir).resolve()) if run_dir else None,
+                        "image_size": image_size},
+            "data": {"spec": data_spec, "split": split, "image_size": image_size, "root": root}}

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +41,9 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import SearchError
-from .embed import publish_dir
+from data.common import atomic_dir
+
+from . import SearchError, SearchPathError
 
 __all__ = ["KINDS", "EXACT_MAX", "IndexPlan", "choose_index", "parse_memory", "IndexBuilder", "build_index",
            "SearchIndex", "l2_normalize", "default_params", "format_bytes"]
@@ -305,19 +305,11 @@ class IndexBuilder:
                 f"HNSW{self.params['M']},Flat", "train_seconds": round(self.train_seconds, 3),
                 "add_seconds": round(self.add_seconds, 3)}
         meta.update(meta_extra or {})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with atomic_dir(out) as tmp:
             apply_search_params(self.index, self.kind, self.params)
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             np.save(tmp / "ids.npy", ids)
             (tmp / "index.json").write_text(json.dumps(meta, indent=1, default=str))
-            publish_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
 
@@ -395,7 +387,7 @@ class SearchIndex:
     def load(cls, path: str | os.PathLike) -> "SearchIndex":
         path = Path(path)
         if not path.is_dir():
-            raise SearchError(f"index directory '{path}' does not exist")
+            raise SearchPathError(f"index directory '{path}' does not exist")
         for name in ("index.faiss", "ids.npy", "index.json"):
             if not (path / name).is_file():
                 raise SearchError(f"'{path}' is not an index directory (no {name}; build one with "

@@ -11,15 +11,16 @@ compressed codes of IVF-PQ / SQ only choose the candidates, the final order is e
 """
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Optional, Tuple, Type
 
 import numpy as np
 
-from . import SearchError
+from data.common import Registry
 
-__all__ = ["Reranker", "ExactReranker", "register_reranker", "get_reranker", "list_rerankers"]
+from . import UnknownSearchNameError
+
+__all__ = ["Reranker", "ExactReranker", "RERANKERS", "register_reranker", "get_reranker", "list_rerankers"]
 
 
 class Reranker(ABC):
@@ -43,21 +44,21 @@ class Reranker(ABC):
         """
 
 
-_RERANKERS: Dict[str, Callable[[], Reranker]] = {}
+#: Re-ranker name -> class (or zero-argument factory).
+RERANKERS: Registry = Registry("re-ranker", error=UnknownSearchNameError)
 
 
 def register_reranker(name: str):
     """Class (or factory) decorator: ``@register_reranker("exact")``."""
 
     def deco(cls: Type[Reranker]):
-        _RERANKERS[name] = cls
-        return cls
+        return RERANKERS.register(name, cls)
 
     return deco
 
 
 def list_rerankers() -> list[str]:
-    return sorted(_RERANKERS)
+    return RERANKERS.names()
 
 
 def get_reranker(name: str) -> Reranker:
@@ -66,11 +67,7 @@ def get_reranker(name: str) -> Reranker:
     Raises:
         SearchError: If the name is unknown (the message lists the valid ones).
     """
-    if name not in _RERANKERS:
-        near = difflib.get_close_matches(name, list(_RERANKERS), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise SearchError(f"unknown re-ranker '{name}'{hint}; valid re-rankers: {', '.join(list_rerankers())}")
-    return _RERANKERS[name]()
+    return RERANKERS.get(name)()
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:

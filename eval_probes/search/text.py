@@ -14,15 +14,16 @@ Another text model is one class::
 """
 from __future__ import annotations
 
-import difflib
 import os
 import threading
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-__all__ = ["TextEncoder", "MiniLMEncoder", "register_text_encoder", "get_text_encoder", "list_text_encoders"]
+from data.common import Registry
+
+__all__ = ["TextEncoder", "MiniLMEncoder", "TEXT_ENCODERS", "register_text_encoder", "get_text_encoder", "list_text_encoders"]
 
 
 class TextEncoder(ABC):
@@ -44,35 +45,32 @@ class TextEncoder(ABC):
         """
 
 
-_ENCODERS: dict[str, Callable[[str], TextEncoder]] = {}
+#: Text-encoder name -> class (or factory taking ``device``).
+TEXT_ENCODERS: Registry = Registry("text encoder")
 _LOADED: dict[tuple[str, str], TextEncoder] = {}
 _LOCK = threading.Lock()
 
 
 def register_text_encoder(name: str):
     """Register a text-encoder class (or factory taking ``device``) under ``name``."""
-
-    def deco(factory):
-        _ENCODERS[name] = factory
-        return factory
-
-    return deco
+    return TEXT_ENCODERS.register(name)
 
 
 def list_text_encoders() -> list[str]:
-    return sorted(_ENCODERS)
+    return TEXT_ENCODERS.names()
 
 
 def get_text_encoder(name: str = "minilm", device: str = "cpu") -> TextEncoder:
-    """The registered encoder ``name``, loaded once per process and device (loading is slow)."""
-    if name not in _ENCODERS:
-        near = difflib.get_close_matches(name, list(_ENCODERS), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"unknown text encoder '{name}'{hint}; valid text encoders: {', '.join(list_text_encoders())}")
+    """The registered encoder ``name``, loaded once per process and device (loading is slow).
+
+    Raises:
+        UnknownNameError: (a ValueError) If ``name`` is not registered.
+    """
+    factory = TEXT_ENCODERS.get(name)
     with _LOCK:
         key = (name, device)
         if key not in _LOADED:
-            _LOADED[key] = _ENCODERS[name](device)
+            _LOADED[key] = factory(device)
         return _LOADED[key]
 
 

@@ -2,20 +2,36 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from data.common import Registry
+
+
+#: Attribute under which each tower is registered on an objective. The image tower keeps the name
+#: ``backbone``, so the weights of image-only runs keep their parameter names.
+TOWER_ATTRS = {"image": "backbone", "text": "text_tower", "audio": "audio_tower", "video": "video_tower"}
+
 
 class Objective(nn.Module):
-    """One pretraining method on a shared backbone. Never calls backward().
+    """One pretraining method on shared towers. Never calls backward().
 
-    Subclasses set ``view_recipe`` (the augmentation recipe of their views, see
-    :func:`data.view_specs`) and implement :meth:`forward`.
+    A subclass declares what it needs and the loop provides it, asking nothing else:
+
+    * ``towers``: the encoders it trains, by tower name (``("image",)``, ``("image", "text")``);
+      each is built from ``model.<tower>`` through the backbone registry and handed to
+      ``__init__`` (a dict ``{tower: module}``, or the image tower alone for image-only objectives);
+    * ``batch``: the batch schema it trains on (:mod:`pretrain.batches`: ``views``, ``pairs``);
+    * for ``views``: ``view_recipe`` (see :func:`data.view_specs`), ``multi_crop`` and
+      ``local_views``.
+
+    Then it implements :meth:`forward`.
     """
 
+    towers: tuple[str, ...] = ("image",)
+    batch: str = "views"
     view_recipe: str = "simclr"
     num_views: int = 2
     # multi-crop (SwAV): whether forward() takes small local views after the 2 global ones
@@ -23,9 +39,21 @@ class Objective(nn.Module):
     multi_crop: bool = False
     local_views: int = 0
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, towers):
         super().__init__()
-        self.backbone = backbone
+        if isinstance(towers, nn.Module):
+            towers = {"image": towers}
+        missing = [t for t in self.towers if t not in towers]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs the towers {list(self.towers)}; missing {missing}")
+        for name, module in towers.items():
+            if name not in TOWER_ATTRS:
+                raise ValueError(f"unknown tower '{name}'; valid towers: {', '.join(TOWER_ATTRS)}")
+            setattr(self, TOWER_ATTRS[name], module)
+
+    def tower(self, name: str) -> nn.Module:
+        """The encoder of tower ``name`` (``image``, ``text``, ``audio``, ``video``)."""
+        return getattr(self, TOWER_ATTRS[name])
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """Return ``{"loss": scalar with grad, "<part>_loss": detached, ...}``."""
@@ -63,8 +91,8 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def embed(self, batch: dict) -> Tensor:
-        """Frozen features [B, D] that probes and search indexes use: the pooled backbone output."""
-        return self.backbone.forward_pooled(batch["image"]).float()
+        """Frozen features [B, D] that probes and search indexes use: the pooled image-tower output."""
+        return self.tower("image").forward_pooled(batch["image"]).float()
 
 
 def decay_groups(modules, prefix: str = "", **extra) -> list[dict]:
@@ -85,7 +113,8 @@ def decay_groups(modules, prefix: str = "", **extra) -> list[dict]:
     return groups
 
 
-_REGISTRY: dict[str, tuple[type[Objective], type]] = {}
+#: Objective name -> Objective class; the entry's meta holds its ``config_cls`` (a dataclass).
+OBJECTIVES: Registry = Registry("objective")
 
 
 def register_objective(name: str, config_cls: type):
@@ -94,9 +123,7 @@ def register_objective(name: str, config_cls: type):
         raise TypeError(f"register_objective('{name}'): config class must be a dataclass")
 
     def deco(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"objective '{name}' is registered twice")
-        _REGISTRY[name] = (cls, config_cls)
+        OBJECTIVES.register(name, cls, config_cls=config_cls)
         cls.name = name
         return cls
 
@@ -104,15 +131,12 @@ def register_objective(name: str, config_cls: type):
 
 
 def list_objectives() -> list[str]:
-    return sorted(_REGISTRY)
+    return OBJECTIVES.names()
 
 
 def _lookup(name: str):
-    if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"unknown objective '{name}'{hint}; valid objectives: {', '.join(list_objectives())}")
-    return _REGISTRY[name]
+    """``(Objective class, config class)``; an unknown name raises UnknownNameError (a ValueError)."""
+    return OBJECTIVES.get(name), OBJECTIVES.meta(name)["config_cls"]
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -123,12 +147,13 @@ def objective_config_class(name: str) -> type:
     return _lookup(name)[1]
 
 
-def create_objective(name: str, backbone: nn.Module, config: Any = None, **overrides) -> Objective:
-    """Build a registered objective around ``backbone``.
+def create_objective(name: str, towers, config: Any = None, **overrides) -> Objective:
+    """Build a registered objective around its towers.
 
     Args:
         name: registered objective name (see :func:`list_objectives`).
-        backbone: a backbone with ``forward_pooled`` and ``embed_dim``.
+        towers: ``{tower name: backbone}`` for the towers the objective declares, or, for
+            image-only objectives, the image backbone itself (``forward_pooled``, ``embed_dim``).
         config: the objective's Config instance; defaults are used when None.
         **overrides: Config fields to replace.
     """
@@ -140,4 +165,4 @@ def create_objective(name: str, backbone: nn.Module, config: Any = None, **overr
         if bad:
             raise TypeError(f"objective '{name}' has no option {bad[0]!r}; valid: {', '.join(valid)}")
         cfg = dataclasses.replace(cfg, **overrides)
-    return cls(backbone, cfg)
+    return cls(towers, cfg)

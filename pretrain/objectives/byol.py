@@ -5,11 +5,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+
 
 from losses import byol_loss
 from models import MLPHead, ema_update_, frozen_copy
 
+from ..config import ConfigError
 from .base import Objective, decay_groups, register_objective
 
 
@@ -66,14 +67,14 @@ class BYOL(Objective):
     # partitions parameters (DeepSpeed ZeRO-3) replaces it with an update of the local shards.
     ema_update_fn = staticmethod(ema_update_)
 
-    def __init__(self, backbone: nn.Module, cfg: ByolConfig):
-        super().__init__(backbone)
+    def __init__(self, towers, cfg: ByolConfig):
+        super().__init__(towers)
         self.cfg = cfg
         if not cfg.pred_lr_scale > 0:
-            raise ValueError(f"byol.pred_lr_scale must be > 0; got {cfg.pred_lr_scale!r}")
+            raise ConfigError(f"byol.pred_lr_scale must be > 0; got {cfg.pred_lr_scale!r}")
         if cfg.head_norm not in ("bn", "ln", "none"):
-            raise ValueError(f"byol.head_norm must be bn, ln or none; got {cfg.head_norm!r}")
-        self.projector = MLPHead(backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm,
+            raise ConfigError(f"byol.head_norm must be bn, ln or none; got {cfg.head_norm!r}")
+        self.projector = MLPHead(self.backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm,
                                  weight_std=cfg.head_ws)
         self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, norm=cfg.head_norm,
                                  weight_std=cfg.head_ws)

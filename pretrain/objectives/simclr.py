@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+
 
 from losses import nt_xent_loss
 from models import MLPHead
@@ -26,11 +26,11 @@ class SimCLR(Objective):
 
     view_recipe = "simclr"
 
-    def __init__(self, backbone: nn.Module, cfg: SimclrConfig):
-        super().__init__(backbone)
+    def __init__(self, towers, cfg: SimclrConfig):
+        super().__init__(towers)
         self.cfg = cfg
-        hidden = cfg.proj_hidden or backbone.embed_dim
-        self.projector = MLPHead(backbone.embed_dim, hidden, cfg.proj_dim, num_layers=cfg.proj_layers,
+        hidden = cfg.proj_hidden or self.backbone.embed_dim
+        self.projector = MLPHead(self.backbone.embed_dim, hidden, cfg.proj_dim, num_layers=cfg.proj_layers,
                                  norm="bn", last_norm=True)
 
     def forward(self, batch: dict) -> dict:

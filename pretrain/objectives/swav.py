@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from losses import swav_loss, world_size
 from models import MLPHead
 
+from ..config import ConfigError
 from .base import Objective, register_objective
 
 
@@ -76,19 +77,19 @@ class SwAV(Objective):
     local_views = 6  # the paper's 2 x 224 + 6 x 96
     num_global = 2
 
-    def __init__(self, backbone: nn.Module, cfg: SwavConfig):
-        super().__init__(backbone)
+    def __init__(self, towers, cfg: SwavConfig):
+        super().__init__(towers)
         for name in ("proj_hidden", "proj_dim", "num_prototypes", "sinkhorn_iterations"):
             if getattr(cfg, name) < 1:
-                raise ValueError(f"swav.{name} must be >= 1; got {getattr(cfg, name)}")
+                raise ConfigError(f"swav.{name} must be >= 1; got {getattr(cfg, name)}")
         for name in ("temperature", "epsilon"):
             if not getattr(cfg, name) > 0:
-                raise ValueError(f"swav.{name} must be > 0; got {getattr(cfg, name)}")
+                raise ConfigError(f"swav.{name} must be > 0; got {getattr(cfg, name)}")
         for name in ("freeze_prototypes_steps", "queue_length", "queue_start_epoch"):
             if getattr(cfg, name) < 0:
-                raise ValueError(f"swav.{name} must be >= 0; got {getattr(cfg, name)}")
+                raise ConfigError(f"swav.{name} must be >= 0; got {getattr(cfg, name)}")
         self.cfg = cfg
-        self.projector = MLPHead(backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm="bn")
+        self.projector = MLPHead(self.backbone.embed_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, norm="bn")
         self.prototypes = Prototypes(cfg.proj_dim, cfg.num_prototypes)
         self.step = 0  # optimizer steps taken (freeze and queue start are counted in these)
         self.queue_start_step = 0  # set by on_train_start from the epoch length; 0 outside the loop
@@ -151,7 +152,7 @@ class SwAV(Objective):
         if queue_on and self.queue is None:
             rows = self.cfg.queue_length // world_size()
             if rows < n:
-                raise ValueError(f"swav.queue_length={self.cfg.queue_length} leaves {rows} queued rows per rank, "
+                raise ConfigError(f"swav.queue_length={self.cfg.queue_length} leaves {rows} queued rows per rank, "
                                  f"fewer than the batch of {n}; use at least batch_size x world size")
             self.queue = z.new_zeros(ng, rows, z.shape[1])
             self.queue_count = 0

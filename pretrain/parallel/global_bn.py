@@ -1,4 +1,4 @@
-"""Data-parallel helpers applied to models from outside: global batch norm over all ranks.
+"""Global batch norm over the data-parallel ranks, applied to models from outside.
 
 SimCLR and BYOL normalise with statistics of the global batch (SimCLR calls it global BN). torch's
 ``SyncBatchNorm`` runs only on GPUs, so this module provides a small equivalent that works with
@@ -11,29 +11,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from losses import data_parallel_group, world_size
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of each rank's input is the sum of all ranks' output gradients."""
+    """Sum over the data-parallel ranks; the gradient of each rank's input is the sum of all ranks'
+    output gradients."""
 
     @staticmethod
     def forward(ctx, x):
         x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=data_parallel_group())
         return x
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=data_parallel_group())
         return grad
 
 
 def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
-    return _AllReduceSum.apply(x) if _initialized() and dist.get_world_size() > 1 else x
+    """Differentiable sum over the data-parallel group (identity in one process)."""
+    return _AllReduceSum.apply(x) if world_size() > 1 else x
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

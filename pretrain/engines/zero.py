@@ -1,128 +1,24 @@
-"""Engines: one object that owns the model, optimizer and LR schedule, with the same methods for
-every backend, so the loop never branches per engine::
+"""The DeepSpeed engine (ZeRO stages 0-3), the launcher's process group, and checkpoint consolidation.
 
-    out = engine(batch); engine.backward(out["loss"]); engine.step()
+This package is the only place that imports ``deepspeed``.
 """
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from data.common import UserError
 
-def autocast_context(precision: str, device_type: str = "cpu"):
-    """bf16 autocast when asked (about 4x faster matmuls on CPUs with AVX512-BF16/AMX), else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise ValueError(f"unknown precision '{precision}'; valid: fp32, bf16")
+from .base import Engine, autocast_context, map_tensors, projections_of
 
 
-class _EngineBase:
-    """What every engine shares: train/eval switching of the wrapped network and the current LR."""
+class DeepSpeedConfigError(UserError, ValueError):
+    """A DeepSpeed JSON config is missing, malformed or contradicts the recipe."""
 
-    world_size = 1
-    rank = 0
-    _net: nn.Module
-    schedule = None
-
-    def train(self, mode: bool = True):
-        self._net.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    @property
-    def lr(self) -> float:
-        return self.schedule.lr
-
-
-def _projections(model: nn.Module) -> list:
-    """The model's ``param_projections()`` (see :class:`pretrain.objectives.Objective`), or none."""
-    fn = getattr(model, "param_projections", None)
-    return list(fn()) if fn is not None else []
-
-
-class PlainEngine(_EngineBase):
-    """Single-process engine with gradient accumulation, clipping and bf16 autocast.
-
-    ``step()`` is called after every micro-batch; the optimizer and the LR schedule advance only
-    every ``grad_accum`` micro-batches (``is_boundary`` tells the caller when that happened).
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, precision: str = "fp32",
-                 grad_accum: int = 1, grad_clip: float = 0.0, device: str = "cpu"):
-        if grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-        self.module, self.optimizer, self.schedule = model, optimizer, schedule
-        self._net = model
-        self.precision, self.grad_accum, self.grad_clip = precision, grad_accum, grad_clip
-        self.device = torch.device(device)
-        self.micro_step = 0
-        self.is_boundary = False
-        self.last_grad_norm: float | None = None
-        self.projections = _projections(model)
-        autocast_context(precision)  # validate early
-
-    def __call__(self, batch: dict) -> dict:
-        with autocast_context(self.precision, self.device.type):
-            return self.module(batch)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
-
-    def step(self) -> None:
-        self.micro_step += 1
-        self.is_boundary = self.micro_step % self.grad_accum == 0
-        if not self.is_boundary:
-            return
-        if self.grad_clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
-        with torch.no_grad():
-            for p, fn in self.projections:
-                p.copy_(fn(p))
-
-    def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(), "micro_step": self.micro_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.micro_step = int(state.get("micro_step", 0))
-
-    def save(self, directory, client_state: dict) -> None:
-        """Write model, optimizer, schedule and ``client_state`` into ``directory/state.pt``."""
-        from pathlib import Path
-
-        torch.save({"engine": self.state_dict(), "client": client_state}, Path(directory) / "state.pt")
-
-    def load(self, directory) -> dict:
-        from pathlib import Path
-
-        path = Path(directory) / "state.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint '{directory}' has no state.pt (was it written by another engine?)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.load_state_dict(state["engine"])
-        return state["client"]
-
-    def full_state_dict(self, checkpoint_dir=None) -> dict:
-        return self.module.state_dict()
-
-
-# ----------------------------------------------------------------------------------------------
-# DeepSpeed. This file is the only place that imports deepspeed.
-
-DS_CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "launch" / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "ds_configs"
 
 
 def init_distributed(engine: str) -> tuple[int, int]:
@@ -179,25 +75,25 @@ def ds_config(path: str, zero_stage: int | None, micro_batch: int, grad_accum: i
               grad_clip: float) -> dict:
     """Read a DeepSpeed JSON config and derive its batch fields from the recipe.
 
-    ``train_batch_size = micro_batch * grad_accum * world_size``; a JSON that states other batch
+    ``train_batch_size = micro_batch * grad_accum * world_size``, where ``world_size`` is the
+    number of data-parallel ranks (the parallel layout's ``dp``); a JSON that states other batch
     values is an error, since the recipe is the single source of them.
     """
     import json
-    from pathlib import Path
 
     stage = 0 if zero_stage is None else zero_stage
     p = Path(path) if path else DS_CONFIGS / f"zero{stage}.json"
     if not p.is_file():
-        raise FileNotFoundError(f"DeepSpeed config '{p}' does not exist (see {DS_CONFIGS} for examples)")
+        raise DeepSpeedConfigError(f"DeepSpeed config '{p}' does not exist (see {DS_CONFIGS} for examples)")
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"DeepSpeed config '{p}' is not valid JSON: {exc}") from None
+        raise DeepSpeedConfigError(f"DeepSpeed config '{p}' is not valid JSON: {exc}") from None
     derived = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
                "train_batch_size": micro_batch * grad_accum * world_size}
     for k, v in derived.items():
         if k in cfg and cfg[k] not in (v, "auto"):
-            raise ValueError(f"DeepSpeed config '{p}': {k}={cfg[k]} disagrees with the recipe ({k}={v}, from "
+            raise DeepSpeedConfigError(f"DeepSpeed config '{p}': {k}={cfg[k]} disagrees with the recipe ({k}={v}, from "
                              f"batch_size={micro_batch}, optim.grad_accum={grad_accum}, world size {world_size}); "
                              f"remove it from the JSON or set it to \"auto\"")
         cfg[k] = v
@@ -215,7 +111,7 @@ def zero_stage_of(cfg: dict) -> int:
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
-class DeepSpeedEngine(_EngineBase):
+class DeepSpeedEngine(Engine):
     """The same interface as :class:`PlainEngine`, backed by ``deepspeed.initialize``.
 
     The client optimizer and LR schedule are handed to DeepSpeed, which steps them at
@@ -225,39 +121,42 @@ class DeepSpeedEngine(_EngineBase):
     inputs are cast to bf16.
     """
 
-    def __init__(self, model: nn.Module, optimizer, schedule, config: dict, precision: str = "fp32"):
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, optimizer, schedule, config: dict, precision: str = "fp32",
+                 layout=None):
         import deepspeed
         import torch.distributed as dist
 
         self.schedule = schedule
         self.precision = precision
         self.native_bf16 = bool(config.get("bf16", {}).get("enabled", False))
+        # the layout answers DeepSpeed's mpu questions when the world is not one data-parallel group
+        mpu = layout if layout is not None and layout.dp != dist.get_world_size() else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 lr_scheduler=schedule, config=config)
+                                                                 lr_scheduler=schedule, config=config, mpu=mpu)
         self.module = self.engine.module
         self._net = self.engine
         self.zero_stage = zero_stage_of(config)
+        self.grad_accum = int(config.get("gradient_accumulation_steps", 1))
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
+        self.steps = 0
         self.is_boundary = False
         self.last_grad_norm = None
-        self.projections = _projections(self.module)
+        self.projections = projections_of(self.module)
         if self.zero_stage == 3 and getattr(self.module, "has_ema_teacher", False):
             self.module.ema_update_fn = _zero3_ema_update
 
-    def _cast(self, batch):
-        def cast(v):
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return v.to(torch.bfloat16)
-            if isinstance(v, list):
-                return [cast(x) for x in v]
-            return v
-
-        return {k: cast(v) for k, v in batch.items()}
+    def prepare(self, batch: dict) -> dict:
+        """With DeepSpeed's own bf16 mode every floating-point input is cast to bf16."""
+        if self.native_bf16:
+            return map_tensors(batch, lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t)
+        return batch
 
     def __call__(self, batch: dict) -> dict:
         if self.native_bf16:
-            return self.engine(self._cast(batch))
+            return self.engine(self.prepare(batch))
         with autocast_context(self.precision):
             return self.engine(batch)
 
@@ -267,8 +166,10 @@ class DeepSpeedEngine(_EngineBase):
     def step(self) -> None:
         self.is_boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        if self.is_boundary and self.projections:
-            self._project()
+        if self.is_boundary:
+            self.steps += 1
+            if self.projections:
+                self._project()
 
     @torch.no_grad()
     def _project(self) -> None:
@@ -302,7 +203,7 @@ class DeepSpeedEngine(_EngineBase):
     def load(self, directory) -> dict:
         path, client_state = self.engine.load_checkpoint(str(directory), tag="ds")
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under '{directory}/ds'")
+            raise DeepSpeedCheckpointError(f"no DeepSpeed checkpoint under '{directory}/ds'")
         return client_state or {}
 
     def full_state_dict(self, checkpoint_dir=None) -> dict | None:
@@ -355,16 +256,34 @@ def _zero3_ema_update(target: nn.Module, online: nn.Module, momentum: float) -> 
 
 def consolidate_deepspeed_checkpoint(checkpoint_dir) -> dict:
     """fp32 state dict of a DeepSpeed checkpoint of any ZeRO stage (``<checkpoint_dir>/ds``), in one process."""
-    from pathlib import Path
-
     ds_dir = Path(checkpoint_dir) / "ds"
     if not ds_dir.is_dir():
-        raise FileNotFoundError(f"'{checkpoint_dir}' holds no DeepSpeed checkpoint (no ds/ directory)")
+        raise DeepSpeedCheckpointError(f"'{checkpoint_dir}' holds no DeepSpeed checkpoint (no ds/ directory)")
     if list(ds_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in ds_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds"))
     states = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
-        raise FileNotFoundError(f"'{ds_dir}' holds no model states file")
+        raise DeepSpeedCheckpointError(f"'{ds_dir}' holds no model states file")
     return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+
+
+class DeepSpeedCheckpointError(UserError, FileNotFoundError):
+    """A directory holds no (complete) DeepSpeed checkpoint."""
+
+
+def build_deepspeed(cfg, objective: nn.Module, optimizer, schedule, layout, channels_last: bool = False
+                    ) -> DeepSpeedEngine:
+    """The DeepSpeed engine of a run config: its JSON (``deepspeed.config`` or the ZeRO stage's
+    example), batch fields derived from the recipe and the layout's data-parallel size. Inputs stay
+    contiguous (``channels_last`` is not used: DeepSpeed flattens contiguous parameter buffers)."""
+    stage = None if cfg.deepspeed.zero_stage < 0 else cfg.deepspeed.zero_stage
+    ds_cfg = ds_config(cfg.deepspeed.config, stage, cfg.batch_size, cfg.optim.grad_accum, layout.dp,
+                       cfg.optim.grad_clip)
+    stage = zero_stage_of(ds_cfg)
+    if stage >= 1 and cfg.optim.name == "lars":
+        raise DeepSpeedConfigError(f"optim.name=lars computes a trust ratio per layer, but ZeRO stage {stage} hands "
+                                   f"the optimizer flattened partitions; use deepspeed.zero_stage=0, or "
+                                   f"optim.name=sgd|adamw")
+    return DeepSpeedEngine(objective, optimizer, schedule, ds_cfg, cfg.precision, layout=layout)

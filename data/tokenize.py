@@ -1,0 +1,53 @@
+"""Tokenizers: text -> fixed-length token ids for text towers, found through a registry.
+
+A tokenizer is a callable ``tok(texts: list[str]) -> LongTensor [B, context_length]`` with the
+attributes ``vocab_size``, ``context_length``, ``pad_id`` and ``eot_id``. Text longer than the
+context is truncated so that the end-of-text token is always kept (text towers pool there).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .common import Registry, UserError
+
+TOKENIZERS: Registry = Registry("tokenizer")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ``[BOS] b_1+3 ... b_n+3 [EOT] [PAD]...`` with PAD=0, BOS=1, EOT=2.
+
+    No vocabulary file, any language, 259 ids: a real tokenizer for small text towers and tests.
+    """
+
+    pad_id, bos_id, eot_id = 0, 1, 2
+    vocab_size = 256 + 3
+
+    def __init__(self, context_length: int = 32):
+        if context_length < 3:
+            raise UserError(f"tokenizer.context_length={context_length}: must be >= 3 (BOS, one token, EOT)")
+        self.context_length = context_length
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        body = self.context_length - 2
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise UserError(f"tokenizer: text #{i} is {type(t).__name__}, expected str")
+            ids = [b + 3 for b in t.encode("utf-8")][:body]  # truncate, keeping room for EOT
+            row = [self.bos_id, *ids, self.eot_id]
+            out[i, :len(row)] = torch.tensor(row)
+        return out
+
+
+TOKENIZERS.register("bytes", ByteTokenizer)
+
+
+def create_tokenizer(name: str, context_length: int):
+    """A registered tokenizer (see ``TOKENIZERS.names()``) for ``context_length`` tokens."""
+    return TOKENIZERS.get(name)(context_length=context_length)
+
+
+def list_tokenizers() -> list[str]:
+    return TOKENIZERS.names()

@@ -1,0 +1,117 @@
+"""``pretrain fit``, ``probe``, ``demo``, ``export`` and ``list``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ._args import CliError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DEMO_RECIPE = RECIPES / "demo_mnist5k.yaml"
+
+
+def _cmd_fit(args) -> int:
+    from pretrain.config import load_config
+    from pretrain.loop import fit
+
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise CliError(f"--resume: '{run}' is not a run directory (no config.yaml)")
+        cfg = load_config(run / "config.yaml", ["stop_at=0", *args.overrides, f"run_dir={run}"])
+    else:
+        cfg = load_config(args.recipe, args.overrides)
+    t0 = time.time()
+    run_dir = fit(cfg, resume=bool(args.resume))
+    print(f"run directory: {run_dir}  ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def _probe_names(p: str) -> tuple[str, ...]:
+    return ("linear", "knn") if p == "all" else (p,)
+
+
+def _cmd_probe(args) -> int:
+    from pretrain.probe import format_table, probe_run
+
+    probes = _probe_names(args.probe)
+    res = probe_run(args.run, probes, baselines=not args.no_baselines, progress=not args.quiet)
+    print(format_table(res["rows"], probes))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from pretrain.config import load_config
+    from pretrain.loop import fit
+    from pretrain.probe import format_table, probe_run
+
+    t0 = time.time()
+    cfg = load_config(DEMO_RECIPE, [f"run_dir={args.run_dir}", *args.overrides])
+    fit(cfg)
+    t_fit = time.time() - t0
+    res = probe_run(cfg.run_dir, ("linear", "knn"), baselines=True)
+    table = format_table(res["rows"])
+    print(f"\n{cfg.objective} on {cfg.data}, seed {cfg.seed}: {cfg.max_steps} steps in {t_fit:.0f} s, "
+          f"total {time.time() - t0:.0f} s. Run directory: {cfg.run_dir}\n")
+    print(table)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from pretrain.export import export_weights
+
+    out = export_weights(args.run, args.step, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from data import list_datasets, list_tokenizers
+    from models import list_backbones
+    from pretrain.batches import SCHEMAS
+    from pretrain.engines import ENGINES
+    from pretrain.objectives import list_objectives, objective_class
+
+    print("objectives:", ", ".join(f"{n} ({'+'.join(objective_class(n).towers)}, {objective_class(n).batch})"
+                                   for n in list_objectives()))
+    print("backbones: ", ", ".join(list_backbones()))
+    print("datasets:  ", ", ".join(list_datasets()))
+    print("engines:   ", ", ".join(ENGINES.names()))
+    print("batches:   ", ", ".join(SCHEMAS.names()))
+    print("tokenizers:", ", ".join(list_tokenizers()))
+    print("recipes:   ", ", ".join(sorted(str(p.relative_to(RECIPES.parent.parent)) for p in RECIPES.glob("*.yaml"))))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add fit, probe, demo, export and list to the ``pretrain`` sub-command parser."""
+    f = sub.add_parser("fit", help="train an objective from a YAML recipe with key=value overrides",
+                       description="Train. Example: pretrain fit --recipe launch/recipes/simclr_mnist5k.yaml "
+                                   "max_steps=50 run_dir=runs/x")
+    f.add_argument("--recipe", help="YAML recipe (see launch/recipes/)")
+    f.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
+    f.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.5")
+    f.set_defaults(fn=_cmd_fit)
+
+    pr = sub.add_parser("probe", help="linear / k-NN probes of a run's frozen features, with baselines")
+    pr.add_argument("--run", required=True, metavar="RUN_DIR")
+    pr.add_argument("--probe", default="all", choices=["linear", "knn", "all"])
+    pr.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(fn=_cmd_probe)
+
+    d = sub.add_parser("demo", help="SimCLR on mnist5k (launch/recipes/demo_mnist5k.yaml), then probes beside raw-pixel and "
+                                         "random-init baselines")
+    d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("overrides", nargs="*", metavar="key=value")
+    d.set_defaults(fn=_cmd_demo)
+
+    ex = sub.add_parser("export", help="consolidate a checkpoint (plain or any DeepSpeed ZeRO stage) into "
+                                       "weights.safetensors")
+    ex.add_argument("--run", required=True, metavar="RUN_DIR")
+    ex.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ex.add_argument("--out", help="output file (default: RUN_DIR/weights.safetensors)")
+    ex.set_defaults(fn=_cmd_export)
+
+    ls = sub.add_parser("list", help="list objectives, backbones, datasets and recipes")
+    ls.set_defaults(fn=_cmd_list)
