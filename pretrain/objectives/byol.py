@@ -109,7 +109,7 @@ class BYOL(Objective):
         if std is None or std >= COLLAPSE_STD:
             return None
         return (f"target_std {std:.3f} at step {metrics.get('step')}: the target projections of different "
-                f"images point nearly the same way (collapse); the backbone may still learn, but see the README "
+                f"images point nearly the same way (collapse); the backbone may still learn, but see docs/results.md "
                 f"on BYOL without batch statistics (byol.pred_lr_scale, byol.head_ws)")
 
     @torch.no_grad()
