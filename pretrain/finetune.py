@@ -48,6 +48,7 @@ from .engines import PlainEngine, autocast_context
 from .loop import MetricsLogger, RunError, build_backbone
 from .optim import build_optimizer
 from .schedules import LRSchedule
+from .towers import factory_keywords
 
 WEIGHTS_FORMAT = "ssl-pretrain-classifier/1"
 SUMMARY = "summary.json"
@@ -672,8 +673,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         run_info = data_lib.build_dataset(run_cfg.data, "test", image_size=run_cfg.image_size or None).info
         run_size = run_cfg.image_size or run_info.image_size
         cfg.image_size = cfg.image_size or run_size
-        if run_cfg.model.backbone.startswith("vit") and cfg.image_size != run_size:
-            raise ConfigError(f"image_size={cfg.image_size}: a ViT fine-tunes at its pretraining size ({run_size})")
+        if cfg.image_size != run_size and "image_size" in (factory_keywords(run_cfg.model.image.backbone) or ()):
+            # backbones built for an image size (ViTs: position embeddings) fine-tune at that size
+            raise ConfigError(f"image_size={cfg.image_size}: backbone '{run_cfg.model.image.backbone}' fine-tunes at "
+                              f"its pretraining size ({run_size})")
         train_ds, test_ds = _dataset_pair(cfg.data, cfg.image_size)
         info = train_ds.info
         if run_info.channels != info.channels:
