@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from data.common import Registry
 
-__all__ = ["BACKBONES", "register_backbone", "create_backbone", "list_backbones"]
+__all__ = ["BACKBONES", "register_backbone", "create_backbone", "list_backbones", "backbone_keywords"]
 
 Factory = Callable[..., nn.Module]
 F = TypeVar("F", bound=Factory)
@@ -64,6 +64,13 @@ def _accepted_kwargs(factory: Factory) -> List[str] | None:
         for p in params
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
+
+
+def backbone_keywords(name: str) -> set[str] | None:
+    """Keyword names the factory of backbone ``name`` takes (None: any keyword); an unknown name
+    raises the registry's error."""
+    accepted = _accepted_kwargs(BACKBONES.get(name))
+    return None if accepted is None else set(accepted)
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:

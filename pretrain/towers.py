@@ -9,23 +9,18 @@ name.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 from torch import nn
 
 from models import create_backbone
-from models.registry import BACKBONES
+from models.registry import backbone_keywords
 
 from .config import ConfigError, ModelConfig, TowerConfig
 
 
 def factory_keywords(backbone: str) -> set[str] | None:
     """Keyword names the backbone's factory takes (None: any keyword)."""
-    factory = BACKBONES.get(backbone)  # an unknown name raises the registry's error
-    params = inspect.signature(factory).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return backbone_keywords(backbone)
 
 
 def tower_kwargs(tower: TowerConfig, **from_data) -> dict:
