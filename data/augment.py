@@ -39,10 +39,11 @@ class ViewSpec:
 
 def view_specs(kind: str, size: int, crop_scale=(0.08, 1.0), color: bool = True, flip: bool = True,
                jitter_strength: float = 1.0) -> list[ViewSpec]:
-    """The two view recipes of a method.
+    """The view recipes of a method: two views for ``byol`` and ``simclr``, one for ``light``.
 
     Args:
-        kind: ``byol`` (asymmetric blur / solarize) or ``simclr`` (symmetric).
+        kind: ``byol`` (asymmetric blur / solarize), ``simclr`` (symmetric), or ``light`` (one view:
+            random resized crop and flips only, no colour, blur or solarize; supervised training).
         size: output side in pixels.
         crop_scale: area fraction range of the random resized crop.
         color: whether colour jitter and greyscale apply (False for grey digits).
@@ -51,6 +52,8 @@ def view_specs(kind: str, size: int, crop_scale=(0.08, 1.0), color: bool = True,
     """
     s = jitter_strength
     common = dict(size=size, crop_scale=tuple(crop_scale), flip_p=0.5 if flip else 0.0)
+    if kind == "light":
+        return [ViewSpec(**common, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)]
     if kind == "byol":
         jit = dict(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s, hue=0.1 * s)
         a = ViewSpec(**common, **jit, blur_p=1.0, solarize_p=0.0)
@@ -60,7 +63,7 @@ def view_specs(kind: str, size: int, crop_scale=(0.08, 1.0), color: bool = True,
         a = ViewSpec(**common, **jit, blur_p=0.5)
         b = ViewSpec(**common, **jit, blur_p=0.5)
     else:
-        raise ValueError(f"unknown view recipe '{kind}'; valid: byol, simclr")
+        raise ValueError(f"unknown view recipe '{kind}'; valid: byol, simclr, light")
     for v in (a, b):
         if not color:  # brightness and contrast still make sense on grey images
             v.saturation, v.hue, v.grayscale_p = 0.0, 0.0, 0.0
@@ -101,6 +104,8 @@ def multicrop_specs(kind: str, size: int, num_local: int, local_size: int = 0, c
         if len(sc) != 2 or not 0 < sc[0] <= sc[1] <= 1:
             raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1; got {tuple(sc)}")
     glob = view_specs(kind, size, crop_scale=crop_scale, color=color, flip=flip, jitter_strength=jitter_strength)
+    if len(glob) < 2:
+        raise ValueError(f"views={kind} gives one view; multi-crop takes the two global views of byol or simclr")
     local = [dataclasses.replace(glob[i % 2], size=local_size, crop_scale=tuple(local_crop_scale))
              for i in range(num_local)]
     return glob + local

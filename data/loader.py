@@ -183,6 +183,29 @@ def train_loader(ds: Dataset, batch_size: int, augments: Sequence[ViewAugment], 
                        rank=rank, world_size=world_size, start_step=start_step, num_workers=num_workers)
 
 
+class ZippedLoader:
+    """Batches of ``main``, each with the next batch of every other stream under that stream's name.
+
+    ``ZippedLoader(unlabelled, labelled=labelled_loader)`` yields ``{**unlabelled batch, "labelled":
+    labelled batch}``; the files a stream could not read are added to the batch's ``skipped``. Each
+    stream keeps its own (seed, step) randomness, so resuming every stream at the same step gives
+    the batches an uninterrupted run sees.
+    """
+
+    def __init__(self, main, **streams):
+        self.main, self.streams = main, streams
+
+    def __iter__(self) -> Iterator[dict]:
+        its = {name: iter(loader) for name, loader in self.streams.items()}
+        for batch in self.main:
+            batch = dict(batch)
+            for name, it in its.items():
+                other = next(it)
+                batch[name] = other
+                batch["skipped"] = list(batch.get("skipped", [])) + list(other.get("skipped", []))
+            yield batch
+
+
 def eval_loader(ds: Dataset, size: int, batch_size: int = 512, num_workers: int = 0) -> DataLoader:
     """A single ordered pass over a dataset, for features and probes."""
     info = ds.info

@@ -8,6 +8,9 @@ towers' data-given sizes and for the collate function, and never reads a key of 
 * ``pairs``: ``{"image", "text" (token ids [B, context_length]), "label", "index"}``, images with
   their captions, for two-tower contrastive objectives.
 
+Objectives that ask for a labelled stream (``Objective.labelled_stream``) get, under ``views``,
+each batch with ``"labelled"``: a ``views`` batch of the labelled subset (see :meth:`BatchSchema.loader`).
+
 A new schema is a :class:`BatchSchema` subclass registered in ``SCHEMAS``.
 """
 from __future__ import annotations
@@ -31,6 +34,18 @@ class BatchSchema:
     def collate(self, cfg: RunConfig, objective, info: data_lib.DatasetInfo, rank: int, world: int):
         """The collate function of this rank's training batches (``rank`` / ``world``: data-parallel)."""
         raise NotImplementedError
+
+    def loader(self, cfg: RunConfig, objective, info: data_lib.DatasetInfo, ds, rank: int, world: int,
+               start_step: int = 0, labelled=None):
+        """This rank's endless, resumable stream of training batches over ``ds``, from micro-step
+        ``start_step`` on. ``labelled``: the labelled subset, for an objective that asks for a
+        labelled stream (``Objective.labelled_stream``); a schema that cannot add one says so."""
+        if labelled is not None:
+            raise ConfigError(f"objective '{cfg.objective}' asks for a labelled stream, which the "
+                              f"'{objective.batch}' batch schema does not provide")
+        return data_lib.step_loader(ds, cfg.batch_size, self.collate(cfg, objective, info, rank, world),
+                                    seed=cfg.seed, rank=rank, world_size=world, start_step=start_step,
+                                    num_workers=cfg.num_workers)
 
 
 def image_size(cfg: RunConfig, info: data_lib.DatasetInfo) -> int:
@@ -68,6 +83,9 @@ class ViewsSchema(BatchSchema):
                                   f"views (multi-crop); set aug.local_views=0 or -1")
             specs = data_lib.view_specs(kind, size, crop_scale=a.crop_scale, color=info.color, flip=info.flip,
                                         jitter_strength=a.jitter_strength)
+            if len(specs) < objective.num_views:
+                raise ConfigError(f"aug.views={kind} gives {len(specs)} view(s); objective '{cfg.objective}' takes "
+                                  f"{objective.num_views}")
         else:
             multiple = size_multiple(cfg)
             if n_local > 0 and a.local_size % multiple:
@@ -82,8 +100,27 @@ class ViewsSchema(BatchSchema):
                 raise ConfigError(f"aug.{exc}") from None  # the message names the field
         return [data_lib.ViewAugment(s, info.mean, info.std) for s in specs]
 
-    def collate(self, cfg, objective, info, rank, world):
-        return data_lib.ViewCollate(self.augments(cfg, objective, info), cfg.seed, rank, world, cfg.batch_size)
+    def collate(self, cfg, objective, info, rank, world, seed: int | None = None, batch_size: int | None = None):
+        seed = cfg.seed if seed is None else seed
+        batch_size = batch_size or cfg.batch_size
+        return data_lib.ViewCollate(self.augments(cfg, objective, info), seed, rank, world, batch_size)
+
+    def loader(self, cfg, objective, info, ds, rank, world, start_step=0, labelled=None):
+        """With a labelled subset, each batch of ``ds`` carries a ``views`` batch of the subset under
+        ``"labelled"`` (at most ``batch_size`` images, fewer where the subset is smaller). The
+        labelled stream draws with ``seed`` (the stream a supervised run on the subset sees), the main
+        stream with ``seed + 1``; both resume at ``start_step``."""
+        if labelled is None:
+            return super().loader(cfg, objective, info, ds, rank, world, start_step)
+
+        def stream(images, batch_size, seed):
+            collate = self.collate(cfg, objective, info, rank, world, seed=seed, batch_size=batch_size)
+            return data_lib.step_loader(images, batch_size, collate, seed=seed, rank=rank, world_size=world,
+                                        start_step=start_step, num_workers=cfg.num_workers)
+
+        lab_batch = max(1, min(cfg.batch_size, len(labelled) // world))
+        return data_lib.ZippedLoader(stream(ds, cfg.batch_size, cfg.seed + 1),
+                                     labelled=stream(labelled, lab_batch, cfg.seed))
 
 
 @SCHEMAS.register("pairs")

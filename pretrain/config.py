@@ -92,7 +92,7 @@ class OptimConfig:
 
 @dataclass
 class AugConfig:
-    views: str = ""  # byol | simclr; empty = the objective's own recipe
+    views: str = ""  # byol | simclr | light (one view: crop and flips); empty = the objective's own recipe
     crop_scale: tuple[float, float] = (0.08, 1.0)  # of the (global) views
     jitter_strength: float = 1.0
     # multi-crop (SwAV): small local views after the 2 global ones, for objectives that use them
@@ -134,6 +134,11 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads, 0 = leave as is
     run_dir: str = "runs/default"
     progress: bool = True
+    # the labels objectives that learn from labels see (Objective.labelled_only / labelled_stream): a
+    # class-balanced subset of the train split, max(1, round(labels x n_class)) images per class
+    labels: float = 1.0  # fraction of each class's train images that keep their label, in (0, 1]
+    label_seed: int = 0  # which images: same seed, same subset
+    eval_every: int = 0  # objectives that evaluate (Objective.eval_split): every N steps; 0 = only at the end
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -156,7 +161,7 @@ CHOICES = {
     "model.image.norm": ("", "bn", "gn_ws"),
     "byol.head_norm": ("bn", "ln", "none"),
     "optim.name": ("sgd", "adamw", "lars"),
-    "aug.views": ("", "byol", "simclr"),
+    "aug.views": ("", "byol", "simclr", "light"),
 }
 
 
@@ -170,22 +175,34 @@ def model_config(values: dict | None) -> ModelConfig:
 
 def build_config(values: dict) -> RunConfig:
     """Fill a RunConfig from a nested dict, validating every key against the dataclasses."""
-    from .objectives import list_objectives, objective_config_class
+    from .objectives import list_objectives, objective_class, objective_config_class
 
     values = dict(values or {})
     cfg = RunConfig()
     objective_names = list_objectives()
     obj_sections = {k: values.pop(k) for k in list(values) if k in objective_names}
     fill(cfg, values, "", CHOICES)
+    check_values(cfg)
     if cfg.objective not in objective_names:
+        # the pretraining objectives first, then those that train a classifier on labels or a teacher
+        listed = sorted(objective_names, key=lambda n: not objective_class(n).pretraining)
         raise ConfigError(f"unknown objective '{cfg.objective}'{nearest(cfg.objective, objective_names)}; "
-                          f"valid objectives: {', '.join(objective_names)}")
+                          f"valid objectives: {', '.join(listed)}")
     for name in objective_names:
         ocfg = objective_config_class(name)()
         if name in obj_sections:
             fill(ocfg, obj_sections[name] or {}, name + ".", CHOICES)
         cfg.objectives[name] = ocfg
     return cfg
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Value checks the dataclass types cannot express; raises ConfigError naming the key."""
+    from data import check_fraction
+
+    check_fraction(cfg.labels, "config key 'labels'")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"config key 'eval_every': expected an integer >= 0 (0 = off), got {cfg.eval_every}")
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

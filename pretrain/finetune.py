@@ -1,57 +1,65 @@
-"""Fine-tuning and distillation: steps 2 and 3 of SimCLRv2.
+"""Fine-tuning and distillation: steps 2 and 3 of SimCLRv2, trained by :func:`pretrain.loop.fit`.
 
 Chen et al. 2020, "Big Self-Supervised Models are Strong Semi-Supervised Learners" (SimCLRv2):
 
 1. pretrain a big network without labels (``pretrain fit``, any objective);
 2. **fine-tune** it on the few labelled images, not from the backbone output but from the first
    layer of the projection head (``Linear -> BN -> ReLU``), with a linear classifier on top
-   (:func:`finetune`, ``pretrain finetune``);
+   (:func:`finetune`, ``pretrain finetune``: the ``supervised`` objective);
 3. **distil** the fine-tuned network into a student (of the same size or smaller) on the
    *unlabelled* images, with the teacher's softened predictions as targets, optionally plus the
-   labelled cross-entropy (:func:`distill`, ``pretrain distill``).
+   labelled cross-entropy (:func:`distill`, ``pretrain distill``: the ``distill`` objective).
 
-The same code fine-tunes any run of this project (any objective and backbone; where there is no
-projection head, from the backbone) or trains the same classifier from scratch (the supervised
-baseline), with any optimizer of :mod:`pretrain.optim`, a warmup-cosine schedule, layer-wise LR
-decay (:func:`param_groups`, depths from :mod:`models.layer_ids`) and an EMA of the weights.
+Both are objectives (:mod:`pretrain.objectives.supervised`, :mod:`pretrain.objectives.distill`)
+trained by the one loop, so they run on every engine (plain, DeepSpeed ZeRO 0-2), resume exactly,
+and log metrics.jsonl, TensorBoard and the progress bar like any run. This module keeps the
+command's own configuration (:class:`FinetuneConfig`: recipe keys and overrides of ``pretrain
+finetune`` / ``distill``), resolves it against the pretrained run or the teacher into a
+:class:`~pretrain.config.RunConfig`, calls :func:`~pretrain.loop.fit`, and writes ``summary.json``.
 
-A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_N/`` (resumable with
-``--resume``), ``weights.safetensors`` (the evaluated classifier, EMA weights when the EMA is on;
-self-describing, see :func:`load_classifier`) and ``summary.json`` (test accuracy, wall time,
-seeds, label counts). Every file is written to a temporary name and renamed.
+A run directory holds ``config.yaml`` (the resolved RunConfig), ``metrics.jsonl`` (with
+``test_acc``), ``checkpoints/step_N/`` (resumable with ``--resume``), ``weights.safetensors`` (the
+evaluated classifier, EMA weights when the EMA is on; self-describing, see
+:func:`load_classifier`) and ``summary.json`` (test accuracy, wall time, seeds, label counts).
+Every file is written to a temporary name and renamed.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import nn
 
 import data as data_lib
+from data import SubsetDataset, check_fraction, dataset_labels, labelled_subset
 from data.common import write_text
 from data.common.config import fill, load_values
-from losses import distillation_loss
-from models import MLPHead, ModelEMA, layer_ids, list_backbones, num_layers
+from models import list_backbones
 
-from .checkpoint import (RunDirError, latest_checkpoint, load_weights, read_meta, rng_state, save_checkpoint,
-                         save_weights, set_rng_state)
-from .config import CHOICES, ConfigError, ModelConfig, OptimConfig, model_config
-from .engines import PlainEngine, autocast_context
-from .loop import MetricsLogger, RunError, build_backbone
-from .optim import build_optimizer
-from .schedules import LRSchedule
+from .checkpoint import RunDirError
+from .config import (CHOICES, ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig, RunConfig, build_config,
+                     load_config, model_config)
+from .engines import autocast_context, to_channels_last
+from .objectives import objective_class
+from .objectives.supervised import (WEIGHTS_FORMAT, Classifier, accuracy, classifier_from_arch, init_from_run,
+                                    load_classifier, param_groups)
 from .towers import factory_keywords
 
-WEIGHTS_FORMAT = "ssl-pretrain-classifier/1"
 SUMMARY = "summary.json"
+#: the objectives behind the two commands
+OBJECTIVES = ("supervised", "distill")
+
+__all__ = ["FinetuneConfig", "DistillConfig", "load_finetune_config", "check_config", "check_fraction",
+           "config_dict", "run_config", "finetune", "distill", "resume", "resume_config", "teacher_labels",
+           "evaluate", "labelled_subset", "SubsetDataset", "Classifier", "param_groups", "classifier_from_arch",
+           "load_classifier", "init_from_run", "WEIGHTS_FORMAT", "SUMMARY"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,12 +102,15 @@ class FinetuneConfig:
     stop_at: int = 0  # stop after this step with a checkpoint (continue with --resume); 0 = run to max_steps
     keep_last: int = 1
     threads: int = 0
+    num_workers: int = 0
+    engine: str = "plain"  # plain | deepspeed (under the deepspeed launcher; see docs/engines.md)
     run_dir: str = ""  # "" = runs/<source>-ft<pct> (finetune) or runs/<teacher>-distill-<student>
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)  # from scratch; else filled from the run
     student: ModelConfig = field(default_factory=ModelConfig)  # distill's student
     optim: OptimConfig = field(default_factory=_finetune_optim)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     @property
     def from_scratch(self) -> bool:
@@ -146,213 +157,140 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"unknown {section} backbone '{name}'; valid backbones: {', '.join(list_backbones())}")
 
 
-def check_fraction(value, key: str = "labels") -> float:
-    """``value`` as a label fraction in (0, 1], or a ConfigError naming ``key``."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        f = float("nan")
-    if not 0.0 < f <= 1.0:
-        raise ConfigError(f"{key}: expected a fraction of the train labels in (0, 1], e.g. 0.01, 0.1 or 1.0; "
-                          f"got {value!r}")
-    return f
+def _plain(x):
+    """A (YAML/JSON-safe) copy of nested dicts, lists and tuples (tuples become lists)."""
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
 
 
-def config_dict(cfg: FinetuneConfig) -> dict:
-    """Plain (YAML/JSON-safe) dict of a config."""
-
-    def fix(x):
-        if isinstance(x, (tuple, list)):
-            return [fix(v) for v in x]
-        if isinstance(x, dict):
-            return {k: fix(v) for k, v in x.items()}
-        return x
-
-    return fix(dataclasses.asdict(cfg))
+def config_dict(cfg) -> dict:
+    """Plain (YAML/JSON-safe) dict of a config dataclass."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 # ----------------------------------------------------------------------------------------------
-# The labelled subset
+# Evaluation of a classifier outside training
 
 
-def labelled_subset(labels, fraction: float, seed: int = 0) -> np.ndarray:
-    """Indices of a class-balanced labelled subset.
+@torch.no_grad()
+def evaluate(model, ds, size: int, precision: str = "fp32", channels_last: bool = False,
+             progress: bool = False, desc: str = "test") -> float:
+    """Top-1 accuracy of ``model`` (images -> logits) on ``ds``, in eval mode (resize only)."""
+    from tqdm.auto import tqdm
 
-    Every class ``c`` with ``n_c`` images keeps ``max(1, round(fraction * n_c))`` of them, drawn
-    with a generator seeded by ``seed`` alone (same labels, fraction and seed: same subset).
-
-    Args:
-        labels: ``[N]`` integer class labels (tensor, array or list).
-        fraction: In (0, 1].
-        seed: Subset seed.
-
-    Returns:
-        Sorted int64 indices into ``labels``.
-    """
-    fraction = check_fraction(fraction)
-    y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        n = min(len(idx), max(1, int(round(fraction * len(idx)))))
-        keep.append(idx[rng.permutation(len(idx))[:n]])
-    return np.sort(np.concatenate(keep)).astype(np.int64)
-
-
-class SubsetDataset(torch.utils.data.Dataset):
-    """The items ``indices`` of a dataset, keeping its ``info``."""
-
-    def __init__(self, ds, indices):
-        self.ds, self.indices, self.info = ds, [int(i) for i in indices], ds.info
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.ds[self.indices[i]]
-
-
-def _dataset_labels(ds) -> torch.Tensor:
-    if hasattr(ds, "labels"):
-        return torch.as_tensor(ds.labels)
-    return torch.tensor([ds[i]["label"] for i in range(len(ds))])
+    was = model.training
+    model.eval()
+    batches = tqdm(data_lib.eval_loader(ds, size, batch_size=256), desc=desc, disable=not progress, leave=False,
+                   dynamic_ncols=True)
+    if channels_last:
+        batches = (to_channels_last(b) for b in batches)
+    with autocast_context(precision):
+        acc = accuracy([model], batches)[0]
+    model.train(was)
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------
-# The classifier and its parameter groups
+# From the command's config to a run config, and the summary of a finished run
 
 
-class Classifier(nn.Module):
-    """Backbone, optional neck (the first projection-head layers) and a linear classifier.
-
-    SimCLRv2 (Chen et al. 2020b, section 2) fine-tunes from the first layer of the 3-layer
-    projection head: ``logits = head(neck(backbone.forward_pooled(x)))`` with
-    ``neck = projector.truncate(1)`` (``Linear -> BN -> ReLU``).
-
-    Args:
-        backbone: Any backbone of :mod:`models` (``forward_pooled``, ``embed_dim``).
-        neck: ``nn.Sequential`` of kept head layers (empty: fine-tune from the backbone).
-        feat_dim: Output dimension of the neck (``backbone.embed_dim`` when empty).
-        num_classes: Number of classes.
-
-    Shapes:
-        ``forward``: ``[B, C, H, W] -> [B, num_classes]``.
-    """
-
-    def __init__(self, backbone: nn.Module, neck: nn.Sequential, feat_dim: int, num_classes: int):
-        super().__init__()
-        self.backbone, self.neck = backbone, neck
-        self.head = nn.Linear(feat_dim, num_classes)
-        nn.init.zeros_(self.head.weight)  # SimCLRv2 starts the fine-tuned classifier at zero
-        nn.init.zeros_(self.head.bias)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, feat_dim]``: pooled backbone output through the neck."""
-        return self.neck(self.backbone.forward_pooled(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    @property
-    def depth(self) -> int:
-        """The head's layer id: ``num_layers(backbone) + len(neck)``."""
-        return num_layers(self.backbone) + len(self.neck)
-
-    def layer_ids(self) -> dict[str, int]:
-        """``{parameter name: layer id}``: backbone ids from :func:`models.layer_ids`, neck layer ``j``
-        at ``num_layers(backbone) + j``, the classifier at :attr:`depth`."""
-        top = num_layers(self.backbone)
-        ids = {f"backbone.{k}": v for k, v in layer_ids(self.backbone).items()}
-        for name, _ in self.neck.named_parameters():
-            ids[f"neck.{name}"] = top + int(name.split(".")[0])
-        for name, _ in self.head.named_parameters():
-            ids[f"head.{name}"] = self.depth
-        return ids
+def _pct(f: float) -> str:
+    return f"{100 * f:g}pct"
 
 
-def param_groups(model: Classifier, layer_decay: float = 1.0) -> list[dict]:
-    """Optimizer groups with layer-wise LR decay.
-
-    A parameter at layer id ``i`` gets ``lr_scale = layer_decay ** (model.depth - i)``, which
-    :class:`~pretrain.schedules.LRSchedule` multiplies into its LR. Norm parameters, biases and
-    ViT tokens / position embeddings get no weight decay and no LARS adaptation.
-
-    Returns:
-        One group per (layer id, decay or not), each with ``params``, ``name``, ``layer_id`` and
-        ``lr_scale``.
-    """
-    ids = model.layer_ids()
-    no_wd = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", lambda: set())()}
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = ids[name]
-        plain = p.ndim <= 1 or name in no_wd
-        g = groups.get((lid, plain))
-        if g is None:
-            g = {"params": [], "names": [], "name": f"layer{lid}_{'no_decay' if plain else 'decay'}", "layer_id": lid,
-                 "lr_scale": float(layer_decay) ** (model.depth - lid)}
-            if plain:
-                g.update(weight_decay=0.0, lars_exclude=True)
-            groups[(lid, plain)] = g
-        g["params"].append(p)
-        g["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+def _world(cfg: FinetuneConfig) -> int:
+    """Data-parallel ranks of the job (the deepspeed launcher's WORLD_SIZE; 1 for the plain engine)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if cfg.engine != "plain" else 1
 
 
-def _arch(model_cfg: ModelConfig, in_chans: int, image_size: int, num_classes: int, neck: dict) -> dict:
-    return {"model": dataclasses.asdict(model_cfg), "in_chans": in_chans, "image_size": image_size,
-            "num_classes": num_classes, "neck": neck}
+def run_config(cfg: FinetuneConfig, objective: str, model: ModelConfig, batch_size: int, section: dict) -> RunConfig:
+    """The :class:`~pretrain.config.RunConfig` that trains ``objective`` for a resolved
+    :class:`FinetuneConfig`: its run keys, ``model``, the light augmentation with ``crop_scale``,
+    and the objective's section ``section``."""
+    values = {
+        "objective": objective, "data": cfg.data, "image_size": cfg.image_size, "batch_size": batch_size,
+        "max_steps": cfg.max_steps, "seed": cfg.seed, "precision": cfg.precision, "engine": cfg.engine,
+        "log_every": cfg.log_every, "checkpoint_every": cfg.checkpoint_every, "stop_at": cfg.stop_at,
+        "keep_last": cfg.keep_last, "num_workers": cfg.num_workers, "threads": cfg.threads, "run_dir": cfg.run_dir,
+        "progress": cfg.progress, "labels": cfg.labels, "label_seed": cfg.label_seed, "eval_every": cfg.eval_every,
+        "model": config_dict(model), "optim": config_dict(cfg.optim), "deepspeed": config_dict(cfg.deepspeed),
+        "aug": {"views": "light", "crop_scale": list(cfg.crop_scale)},
+        objective: section,
+    }
+    return build_config(values)
 
 
-@dataclass
-class _ModelOnly:
-    """The one field of a run config that :func:`pretrain.loop.build_backbone` reads."""
+def _rank() -> int:
+    import torch.distributed as dist
 
-    model: ModelConfig
-
-
-def _backbone(model_cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Module:
-    return build_backbone(_ModelOnly(model_cfg), in_chans, image_size)
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _neck(spec: dict) -> tuple[nn.Sequential, int]:
-    """Rebuild the kept head layers from ``{"layers", "in_dim", "hidden_dim", "norm"}``."""
-    k = int(spec.get("layers", 0))
-    if k == 0:
-        return nn.Sequential(), int(spec["in_dim"])
-    head = MLPHead(spec["in_dim"], spec["hidden_dim"], spec["hidden_dim"], num_layers=k + 1, norm=spec["norm"])
-    return head.truncate(k), int(spec["hidden_dim"])
+def _fit(run_cfg: RunConfig, resume: bool, t_start: float) -> dict:
+    """Train ``run_cfg`` with :func:`~pretrain.loop.fit`; on rank 0 write and return the summary of a
+    finished run (a planned stop returns where it stopped)."""
+    from .loop import fit
+
+    run_dir = fit(run_cfg, resume=resume)
+    kind = objective_class(run_cfg.objective).kind
+    if _rank() != 0:
+        return {"kind": kind, "rank": _rank()}
+    trained = json.loads((run_dir / "train_summary.json").read_text())
+    if trained["steps"] < run_cfg.max_steps:  # a planned stop: the checkpoint is the output; --resume goes on
+        return {"kind": kind, "stopped_at": trained["steps"], "max_steps": run_cfg.max_steps}
+    summary = run_summary(run_cfg, run_dir, trained, t_start)
+    write_text(run_dir / SUMMARY, json.dumps(summary, indent=1))
+    return summary
 
 
-def classifier_from_arch(arch: dict) -> Classifier:
-    """A freshly initialised :class:`Classifier` of the architecture recorded in a weights file."""
-    m = model_config(arch["model"])  # the nested form, or the flat one of older weights files
-    backbone = _backbone(m, arch["in_chans"], arch["image_size"])
-    neck, dim = _neck({"in_dim": backbone.embed_dim, **arch["neck"]})
-    return Classifier(backbone, neck, dim, arch["num_classes"])
+def run_summary(run_cfg: RunConfig, run_dir: Path, trained: dict, t_start: float) -> dict:
+    """``summary.json`` of a finished fine-tuning or distillation run: test accuracy of the evaluated
+    and of the raw weights, data, seeds, labels per class, sizes, wall time and the recipe's numbers."""
+    from .loop import effective_lr
 
+    ocfg = run_cfg.objective_config
+    kind = objective_class(run_cfg.objective).kind
+    size = run_cfg.image_size or None
+    train_ds = data_lib.build_dataset(run_cfg.data, "train", image_size=size)
+    test_ds = data_lib.build_dataset(run_cfg.data, "test", image_size=size)
+    y = dataset_labels(train_ds)
+    idx = labelled_subset(y, run_cfg.labels, run_cfg.label_seed)
+    classes, counts = np.unique(y[torch.as_tensor(idx)].numpy(), return_counts=True)
+    model, meta = load_classifier(run_dir)
+    arch = meta["arch"]
+    summary = {
+        "kind": kind, "test_acc": trained["test_acc"], "test_acc_raw_weights": trained["test_acc_raw_weights"],
+        "evaluated": "ema" if ocfg.ema_decay > 0 else "raw",
+        "data": run_cfg.data, "image_size": arch["image_size"], "seed": run_cfg.seed, "label_seed": run_cfg.label_seed,
+        "labels_fraction": run_cfg.labels, "num_labels": int(len(idx)),
+        "labels_per_class": {str(int(c)): int(n) for c, n in zip(classes, counts)},
+        "num_train_images": len(train_ds), "num_test_images": len(test_ds),
+        "steps": run_cfg.max_steps, "resumed_from_step": trained.get("start_step") or None,
+        "train_wall_s": trained["train_wall_s"], "wall_s": round(time.time() - t_start, 2),
+        "backbone": run_cfg.model.backbone, "params": sum(p.numel() for p in model.parameters()),
+        "batch_size": run_cfg.batch_size, "lr": effective_lr(run_cfg, trained["world_size"]),
+        "layer_decay": ocfg.layer_decay, "ema_decay": ocfg.ema_decay, "optimizer": run_cfg.optim.name,
+        "precision": run_cfg.precision, "engine": run_cfg.engine, "world_size": trained["world_size"],
+        "head_layers_used": int(arch["neck"].get("layers", 0)),
+    }
+    if run_cfg.objective == "distill":
+        teacher, tmeta = load_classifier(ocfg.teacher)
+        tsummary = Path(ocfg.teacher) / SUMMARY
+        summary.update(source="distill", teacher=ocfg.teacher,
+                       teacher_test_acc=json.loads(tsummary.read_text()).get("test_acc") if tsummary.is_file() else None,
+                       teacher_params=sum(p.numel() for p in teacher.parameters()),
+                       teacher_backbone=model_config(tmeta["arch"]["model"]).backbone,
+                       temperature=ocfg.temperature, alpha=ocfg.alpha)
+    elif ocfg.init:
+        from .probe import read_run_config
 
-def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
-    """Load the classifier a ``pretrain finetune`` / ``distill`` run saved; returns it (eval mode) and
-    the weights' metadata (``arch``, ``config``, ``kind``)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "weights.safetensors"
-    if not path.is_file():
-        raise RunDirError(f"'{run_dir}' has no weights.safetensors (did the fine-tuning finish?)")
-    state, meta = load_weights(path)
-    if meta.get("format") != WEIGHTS_FORMAT:
-        raise RunError(f"'{run_dir}' is not a fine-tuned run: its weights.safetensors has format "
-                       f"{meta.get('format', 'unknown')!r}, expected {WEIGHTS_FORMAT!r} (run pretrain finetune first)")
-    arch = json.loads(meta["arch"])
-    model = classifier_from_arch(arch)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
-        raise RunError(f"weights.safetensors in '{run_dir}' do not fit the recorded architecture: "
-                       f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval(), {**meta, "arch": arch}
+        summary.update(source=ocfg.init, source_objective=read_run_config(ocfg.init).objective)
+    else:
+        summary.update(source="scratch")
+    return summary
 
 
 def _check_run_dir(run: str, flag: str) -> Path:
@@ -367,276 +305,12 @@ def _check_run_dir(run: str, flag: str) -> Path:
     return path
 
 
-def init_from_run(run_dir: str | Path, head_layers: int, num_classes: int) -> tuple[Classifier, dict, object]:
-    """A :class:`Classifier` on a pretrained run's backbone and first ``head_layers`` projection layers.
-
-    The run's objective is rebuilt from its ``config.yaml`` and ``weights.safetensors``; its
-    ``projector`` (an :class:`~models.MLPHead`) gives the neck. Runs whose objective has no such
-    head, or a head of one layer, are fine-tuned from the backbone; ``head_layers`` is capped at
-    the head's hidden layers.
-
-    Returns:
-        ``(classifier, neck spec, the run's RunConfig)``.
-    """
-    from .probe import load_run
-
-    run_cfg, model = load_run(run_dir)
-    backbone = model.backbone
-    proj = getattr(model, "projector", None)
-    k = min(head_layers, proj.num_layers - 1) if isinstance(proj, MLPHead) else 0
-    if k > 0:
-        neck = copy.deepcopy(proj.truncate(k))
-        spec = {"layers": k, "hidden_dim": proj.hidden_dim, "norm": proj.norm}
-        dim = proj.hidden_dim
-    else:
-        neck, spec, dim = nn.Sequential(), {"layers": 0}, backbone.embed_dim
-    backbone = copy.deepcopy(backbone)
-    return Classifier(backbone, neck, dim, num_classes), spec, run_cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Training tasks (what the engine calls) and evaluation
-
-
-class SupervisedTask(nn.Module):
-    """Cross-entropy of a classifier on the labelled view: ``batch["views"][0]``, ``batch["label"]``."""
-
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict) -> dict:
-        logits = self.model(batch["views"][0]).float()
-        y = batch["label"]
-        return {"loss": F.cross_entropy(logits, y), "train_acc": (logits.argmax(1) == y).float().mean()}
-
-
-class DistillTask(nn.Module):
-    """SimCLRv2's distillation: the student matches the frozen teacher's tempered predictions on
-    unlabelled views (``batch["views"][0]``), plus ``alpha`` x cross-entropy on a labelled batch
-    (``batch["labelled"]``) when ``alpha > 0``: ``(1 - alpha) * distill + alpha * CE``."""
-
-    def __init__(self, student: Classifier, teacher: Classifier, temperature: float, alpha: float):
-        super().__init__()
-        self.model, self.teacher = student, teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.temperature, self.alpha = temperature, alpha
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # the teacher is a fixed target: BN running statistics, no dropout
-        return self
-
-    def forward(self, batch: dict) -> dict:
-        x = batch["views"][0]
-        with torch.no_grad():
-            t = self.teacher(x).float()
-        s = self.model(x).float()
-        kd = distillation_loss(s, t, self.temperature)
-        out = {"distill_loss": kd.detach(), "teacher_agreement": (s.argmax(1) == t.argmax(1)).float().mean()}
-        loss = kd
-        if self.alpha > 0:
-            lab = batch["labelled"]
-            ls = self.model(lab["views"][0]).float()
-            ce = F.cross_entropy(ls, lab["label"])
-            loss = (1 - self.alpha) * kd + self.alpha * ce
-            out["ce_loss"] = ce.detach()
-        out["loss"] = loss
-        return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ds, size: int, precision: str = "fp32", channels_last: bool = False,
-             progress: bool = False, desc: str = "test") -> float:
-    """Top-1 accuracy of ``model`` (images -> logits) on ``ds``, in eval mode (resize only)."""
-    from tqdm.auto import tqdm
-
-    was = model.training
-    model.eval()
-    correct = total = 0
-    for batch in tqdm(data_lib.eval_loader(ds, size, batch_size=256), desc=desc, disable=not progress,
-                      leave=False, dynamic_ncols=True):
-        x = batch["image"]
-        if x.numel() == 0:
-            continue
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(precision):
-            logits = model(x)
-        correct += int((logits.float().argmax(1) == batch["label"]).sum())
-        total += len(batch["label"])
-    model.train(was)
-    return correct / max(total, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The shared training loop
-
-
-def _light_augment(info, size: int, crop_scale) -> data_lib.ViewAugment:
-    """Fine-tuning's augmentation: random resized crop (and flips where they keep the meaning)."""
-    spec = data_lib.ViewSpec(size=size, crop_scale=tuple(crop_scale), flip_p=0.5 if info.flip else 0.0,
-                             jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
-    return data_lib.ViewAugment(spec, info.mean, info.std)
-
-
-def _pct(f: float) -> str:
-    return f"{100 * f:g}pct"
-
-
-def _ema_decay(cfg_decay: float, n: int) -> float:
-    """EMA decay with a warm-up, ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so that short
-    runs are not dominated by the initial weights."""
-    return min(cfg_decay, (1 + n) / (10 + n))
-
-
-class _Run:
-    """What :func:`_train` needs to know about one fine-tuning or distillation run."""
-
-    def __init__(self, kind, cfg, run_dir, task, model, train_ds, test_ds, labelled_idx, size, channels_last,
-                 arch, extra):
-        self.kind, self.cfg, self.run_dir, self.task, self.model = kind, cfg, run_dir, task, model
-        self.train_ds, self.test_ds, self.labelled_idx = train_ds, test_ds, labelled_idx
-        self.size, self.channels_last, self.arch, self.extra = size, channels_last, arch, extra
-
-
-def _train(r: _Run, resume: bool, t_start: float) -> dict:
-    cfg = r.cfg
-    torch.manual_seed(cfg.seed)
-    groups = param_groups(r.model, cfg.layer_decay)
-    for g in groups:
-        g.pop("names")
-    o = cfg.optim
-    lab_batch = min(cfg.batch_size, len(r.labelled_idx))
-    unl_batch = min(cfg.batch_size, len(r.train_ds))
-    batch = lab_batch if r.kind == "finetune" else unl_batch
-    lr = o.lr * batch * o.grad_accum / 256 if o.scale_lr else o.lr  # optim.scale_lr: linear scaling rule
-    optimizer = build_optimizer(groups, o.name, lr, o.weight_decay, o.momentum, o.betas, o.lars_eta)
-    schedule = LRSchedule(optimizer, lr, cfg.max_steps, o.warmup_steps, o.min_lr_ratio)
-    engine = PlainEngine(r.task, optimizer, schedule, cfg.precision, o.grad_accum, o.grad_clip)
-    ema = ModelEMA(r.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-
-    start = 0
-    if resume:
-        ckpt = latest_checkpoint(r.run_dir)
-        if ckpt is None:
-            raise RunError(f"--resume: no checkpoint found under '{r.run_dir / 'checkpoints'}'")
-        client = engine.load(ckpt)
-        if ema is not None and client.get("ema"):
-            ema.load_state_dict(client["ema"])
-        set_rng_state(client["rng"])
-        start = int(read_meta(ckpt)["step"])
-    r.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(r.run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-
-    augment = _light_augment(r.train_ds.info, r.size, cfg.crop_scale)
-    labelled = SubsetDataset(r.train_ds, r.labelled_idx)
-    accum = o.grad_accum
-    lab_loader = None
-    if r.kind == "finetune" or cfg.distill.alpha > 0:
-        lab_loader = iter(data_lib.train_loader(labelled, lab_batch, [augment], seed=cfg.seed,
-                                                start_step=start * accum))
-    unl_loader = None
-    if r.kind == "distill":
-        unl_loader = iter(data_lib.train_loader(r.train_ds, unl_batch, [augment], seed=cfg.seed + 1,
-                                                start_step=start * accum))
-
-    def next_batch() -> dict:
-        if r.kind == "finetune":
-            b = next(lab_loader)
-        else:
-            b = next(unl_loader)
-            if lab_loader is not None:
-                b["labelled"] = next(lab_loader)
-        if r.channels_last:
-            b["views"] = [v.contiguous(memory_format=torch.channels_last) for v in b["views"]]
-            if "labelled" in b:
-                b["labelled"]["views"] = [v.contiguous(memory_format=torch.channels_last)
-                                          for v in b["labelled"]["views"]]
-        return b
-
-    def eval_model():
-        return ema.module if ema is not None else r.model
-
-    def checkpoint(step: int) -> None:
-        client = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
-        save_checkpoint(r.run_dir, step, lambda d: engine.save(d, client),
-                        {"config": config_dict(cfg), "engine": "plain", "kind": r.kind}, keep_last=cfg.keep_last)
-
-    from tqdm.auto import tqdm
-
-    logger = MetricsLogger(r.run_dir, resume_step=start)
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=r.kind, disable=not cfg.progress, dynamic_ncols=True)
-    engine.train()
-    t0 = time.perf_counter()
-    end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
-    try:
-        for step in range(start, end):
-            for _ in range(accum):
-                out = engine(next_batch())
-                if not torch.isfinite(out["loss"]):
-                    raise RunError(f"loss became {float(out['loss'])} at step {step}; lower optim.lr "
-                                   f"(now {o.lr}) or use precision=fp32")
-                engine.backward(out["loss"])
-                engine.step()
-            if ema is not None:
-                ema.decay = _ema_decay(cfg.ema_decay, ema.num_updates)
-                ema.update(r.model)
-            done = step + 1
-            bar.update(1)
-            rec = None
-            if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
-                rec = {"step": done, **{k: float(v.detach()) for k, v in out.items()}, "lr": engine.lr}
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-                rec = rec or {"step": done}
-                rec["test_acc"] = evaluate(eval_model(), r.test_ds, r.size, cfg.precision, r.channels_last)
-                engine.train()
-            if rec is not None:
-                logger.log(rec)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != end:
-                checkpoint(done)
-        train_s = time.perf_counter() - t0
-        checkpoint(end)
-        if end < cfg.max_steps:  # a planned stop: the checkpoint is the output; --resume goes on
-            return {"kind": r.kind, "stopped_at": end, "max_steps": cfg.max_steps}
-        acc = evaluate(eval_model(), r.test_ds, r.size, cfg.precision, r.channels_last, cfg.progress)
-        raw_acc = evaluate(r.model, r.test_ds, r.size, cfg.precision, r.channels_last) if ema is not None else acc
-        logger.log({"step": cfg.max_steps, "test_acc": acc})
-    finally:
-        bar.close()
-        logger.close()
-
-    save_weights(r.run_dir / "weights.safetensors", eval_model().state_dict(),
-                 {"format": WEIGHTS_FORMAT, "kind": r.kind, "arch": json.dumps(r.arch),
-                  "config": json.dumps(config_dict(cfg)), "ema": str(ema is not None)})
-    labels = _dataset_labels(r.train_ds)[torch.as_tensor(r.labelled_idx)]
-    summary = {
-        "kind": r.kind, "test_acc": acc, "test_acc_raw_weights": raw_acc, "evaluated": "ema" if ema else "raw",
-        "data": cfg.data, "image_size": r.size, "seed": cfg.seed, "label_seed": cfg.label_seed,
-        "labels_fraction": cfg.labels, "num_labels": int(len(r.labelled_idx)),
-        "labels_per_class": {str(int(c)): int(n) for c, n in zip(*np.unique(labels.numpy(), return_counts=True))},
-        "num_train_images": len(r.train_ds), "num_test_images": len(r.test_ds),
-        "steps": cfg.max_steps, "resumed_from_step": start or None,
-        "train_wall_s": round(train_s, 2), "wall_s": round(time.time() - t_start, 2),
-        "backbone": cfg.model.backbone, "params": sum(p.numel() for p in r.model.parameters()),
-        "batch_size": batch, "lr": lr, "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay, "optimizer": o.name, "precision": cfg.precision,
-        **r.extra,
-    }
-    write_text(r.run_dir / SUMMARY, json.dumps(summary, indent=1))
-    return summary
-
-
-def _dataset_pair(spec: str, image_size: int):
-    size = image_size or None
-    return (data_lib.build_dataset(spec, "train", image_size=size),
-            data_lib.build_dataset(spec, "test", image_size=size))
-
-
-def _channels_last(model_cfg: ModelConfig, channels: int) -> bool:
-    # the same rule as pretraining (pretrain.loop.uses_channels_last): never for 1-channel ResNets
-    return model_cfg.channels_last and channels > 1
+def _start(cfg: FinetuneConfig) -> float:
+    t_start = time.time()
+    check_config(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return t_start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,124 +318,101 @@ def _channels_last(model_cfg: ModelConfig, channels: int) -> bool:
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
-    """Fine-tune a pretrained run (``cfg.run``) or train from scratch on a labelled subset.
+    """Fine-tune a pretrained run (``cfg.run``) or train from scratch on a labelled subset: the
+    ``supervised`` objective, trained by :func:`~pretrain.loop.fit`.
 
-    Returns the summary written to ``RUN_DIR/summary.json``.
+    Returns the summary written to ``RUN_DIR/summary.json`` (after a planned stop, where it stopped).
     """
-    t_start = time.time()
-    check_config(cfg)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    extra: dict = {}
+    t_start = _start(cfg)
     if cfg.from_scratch:
         cfg.run = "none"
         cfg.data = cfg.data or "mnist5k"
-        train_ds, test_ds = _dataset_pair(cfg.data, cfg.image_size)
-        info = train_ds.info
-        size = cfg.image_size or info.image_size
-        backbone = _backbone(cfg.model, info.channels, size)
-        model = Classifier(backbone, nn.Sequential(), backbone.embed_dim, info.num_classes)
-        neck = {"layers": 0}
-        extra.update(source="scratch", head_layers_used=0)
+        train_ds = data_lib.build_dataset(cfg.data, "train", image_size=cfg.image_size or None)
+        cfg.image_size = cfg.image_size or train_ds.info.image_size
     else:
         run = _check_run_dir(cfg.run, "--run")
         from .probe import read_run_config
 
-        run_cfg = read_run_config(run)
-        cfg.data = cfg.data or run_cfg.data
-        run_info = data_lib.build_dataset(run_cfg.data, "test", image_size=run_cfg.image_size or None).info
-        run_size = run_cfg.image_size or run_info.image_size
+        pre = read_run_config(run)
+        cfg.data = cfg.data or pre.data
+        run_info = data_lib.build_dataset(pre.data, "test", image_size=pre.image_size or None).info
+        run_size = pre.image_size or run_info.image_size
         cfg.image_size = cfg.image_size or run_size
-        if cfg.image_size != run_size and "image_size" in (factory_keywords(run_cfg.model.image.backbone) or ()):
+        if cfg.image_size != run_size and "image_size" in (factory_keywords(pre.model.image.backbone) or ()):
             # backbones built for an image size (ViTs: position embeddings) fine-tune at that size
-            raise ConfigError(f"image_size={cfg.image_size}: backbone '{run_cfg.model.image.backbone}' fine-tunes at "
+            raise ConfigError(f"image_size={cfg.image_size}: backbone '{pre.model.image.backbone}' fine-tunes at "
                               f"its pretraining size ({run_size})")
-        train_ds, test_ds = _dataset_pair(cfg.data, cfg.image_size)
-        info = train_ds.info
-        if run_info.channels != info.channels:
-            raise ConfigError(f"data={cfg.data} has {info.channels} channel(s) but run '{cfg.run}' was pretrained "
-                              f"on {run_cfg.data} with {run_info.channels}")
-        model, neck, run_cfg = init_from_run(run, cfg.head_layers, info.num_classes)
-        cfg.model = copy.deepcopy(run_cfg.model)  # the resolved config names the architecture used
-        size = cfg.image_size
-        extra.update(source=str(cfg.run), source_objective=run_cfg.objective, head_layers_used=neck["layers"])
-    cfg.image_size = size
+        train_ds = data_lib.build_dataset(cfg.data, "train", image_size=cfg.image_size)
+        if run_info.channels != train_ds.info.channels:
+            raise ConfigError(f"data={cfg.data} has {train_ds.info.channels} channel(s) but run '{cfg.run}' was "
+                              f"pretrained on {pre.data} with {run_info.channels}")
+        cfg.model = copy.deepcopy(pre.model)  # the resolved config names the architecture used
     if not cfg.run_dir:
         src = "scratch-" + cfg.model.backbone if cfg.from_scratch else Path(cfg.run).name
         cfg.run_dir = f"runs/{src}-ft{_pct(cfg.labels)}"
-    cl = _channels_last(cfg.model, info.channels)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    idx = labelled_subset(_dataset_labels(train_ds), cfg.labels, cfg.label_seed)
-    neck_spec = dict(neck)
-    arch = _arch(cfg.model, info.channels, size, info.num_classes, neck_spec)
-    r = _Run("finetune", cfg, Path(cfg.run_dir), SupervisedTask(model), model, train_ds, test_ds, idx, size, cl,
-             arch, extra)
-    return _train(r, resume, t_start)
+    num_labels = len(labelled_subset(dataset_labels(train_ds), cfg.labels, cfg.label_seed))
+    batch = max(1, min(cfg.batch_size, num_labels // _world(cfg)))  # the labelled batch is capped at the labels
+    section = {"init": "" if cfg.from_scratch else str(cfg.run), "head_layers": cfg.head_layers,
+               "num_classes": train_ds.info.num_classes, "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay}
+    return _fit(run_config(cfg, "supervised", cfg.model, batch, section), resume, t_start)
 
 
 def distill(cfg: FinetuneConfig, resume: bool = False) -> dict:
     """Distil the fine-tuned run ``cfg.distill.teacher`` into a student ``cfg.student`` trained from
-    scratch on all (unlabelled) train images of the teacher's data.
+    scratch on all (unlabelled) train images of the teacher's data: the ``distill`` objective,
+    trained by :func:`~pretrain.loop.fit`.
 
-    Returns the summary written to ``RUN_DIR/summary.json``.
+    Returns the summary written to ``RUN_DIR/summary.json`` (after a planned stop, where it stopped).
     """
-    t_start = time.time()
-    check_config(cfg)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    t_start = _start(cfg)
     if not cfg.distill.teacher:
         raise ConfigError("distill: no teacher given (--teacher RUN_DIR or distill.teacher=RUN_DIR)")
     tdir = _check_run_dir(cfg.distill.teacher, "--teacher")
-    teacher, tmeta = load_classifier(tdir)
+    _, tmeta = load_classifier(tdir)
     tarch = tmeta["arch"]
     tcfg = json.loads(tmeta.get("config", "{}"))
     cfg.data = cfg.data or tcfg.get("data", "")
     if tcfg.get("data") and cfg.data != tcfg["data"]:
         raise ConfigError(f"data={cfg.data}: the teacher was fine-tuned on {tcfg['data']}; distil on the same data")
     cfg.image_size = tarch["image_size"]
-    train_ds, test_ds = _dataset_pair(cfg.data, cfg.image_size)
+    train_ds = data_lib.build_dataset(cfg.data, "train", image_size=cfg.image_size)
     info = train_ds.info
-    size = cfg.image_size
     if info.num_classes != tarch["num_classes"]:
         raise ConfigError(f"data={cfg.data} has {info.num_classes} classes, the teacher {tarch['num_classes']}")
     cfg.model = copy.deepcopy(cfg.student)
-    backbone = _backbone(cfg.student, info.channels, size)
-    student = Classifier(backbone, nn.Sequential(), backbone.embed_dim, info.num_classes)
-    cl = _channels_last(cfg.student, info.channels)
-    if cl:
-        student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{tdir.name}-distill-{cfg.student.backbone}"
-    idx = labelled_subset(_dataset_labels(train_ds), cfg.labels, cfg.label_seed)
-    teacher_summary = {}
-    if (tdir / SUMMARY).is_file():
-        teacher_summary = json.loads((tdir / SUMMARY).read_text())
-    extra = {"source": "distill", "teacher": str(tdir), "teacher_test_acc": teacher_summary.get("test_acc"),
-             "teacher_params": sum(p.numel() for p in teacher.parameters()),
-             "teacher_backbone": model_config(tarch["model"]).backbone, "temperature": cfg.distill.temperature,
-             "alpha": cfg.distill.alpha, "head_layers_used": 0}
-    arch = _arch(cfg.student, info.channels, size, info.num_classes, {"layers": 0})
-    task = DistillTask(student, teacher, cfg.distill.temperature, cfg.distill.alpha)
-    r = _Run("distill", cfg, Path(cfg.run_dir), task, student, train_ds, test_ds, idx, size, cl, arch, extra)
-    return _train(r, resume, t_start)
+    batch = max(1, min(cfg.batch_size, len(train_ds) // _world(cfg)))
+    section = {"teacher": str(tdir), "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha,
+               "num_classes": info.num_classes, "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay}
+    return _fit(run_config(cfg, "distill", cfg.student, batch, section), resume, t_start)
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs of resumed runs and of distillation
+# Resumed runs, and the defaults distillation takes from its teacher
 
 
-def resume_config(run: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
-    """The config of a stopped fine-tuning or distillation run (its ``config.yaml``) with
-    ``overrides`` applied, to run it on to ``max_steps`` with ``resume=True``."""
+def resume_config(run: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run config of a stopped fine-tuning or distillation run (its ``config.yaml``) with
+    ``overrides`` (run config keys, e.g. ``max_steps=600``) applied, to run on to ``max_steps``."""
     path = Path(run)
     if not (path / "config.yaml").is_file():
         raise RunDirError(f"--resume: '{run}' is not a run directory (no config.yaml)")
-    base = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    return load_finetune_config(None, ["stop_at=0", *(overrides or []), f"run_dir={run}"], base=base)
+    cfg = load_config(path / "config.yaml", ["stop_at=0", *(overrides or []), f"run_dir={run}"])
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"--resume: '{run}' is a {cfg.objective} run, not a fine-tuning or distillation run; "
+                          f"continue it with `pretrain fit --resume {run}`")
+    return cfg
+
+
+def resume(run: str | Path, overrides: list[str] | None = None) -> dict:
+    """Continue a stopped fine-tuning or distillation run to ``max_steps`` (exactly as an
+    uninterrupted run); returns its summary."""
+    cfg = resume_config(run, overrides)
+    t_start = time.time()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return _fit(cfg, True, t_start)
 
 
 def teacher_labels(teacher: str | Path) -> dict:

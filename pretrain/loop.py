@@ -12,10 +12,10 @@ import data as data_lib
 from data.common import UserError
 from losses import all_reduce_mean
 
-from .batches import schema_of
+from .batches import image_size, schema_of
 from .checkpoint import latest_checkpoint, read_meta, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import RunConfig, save_config, to_dict
-from .engines import ENGINES, NonFiniteLossError, build_engine, init_distributed
+from .engines import ENGINES, NonFiniteLossError, autocast_context, build_engine, init_distributed
 from .objectives import create_objective, objective_class
 from .optim import build_optimizer
 from .parallel import ParallelLayout, convert_to_global_bn
@@ -44,8 +44,10 @@ def uses_channels_last(cfg: RunConfig, channels: int) -> bool:
 
 
 def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):
-    """The objective of a run config with the towers it declares, sized by the data."""
+    """The objective of a run config with the towers it declares, sized by the data (what the data
+    fixes in the objective's own config is filled into ``cfg``: :meth:`Objective.resolve_config`)."""
     cls = objective_class(cfg.objective)
+    cfg.objectives[cfg.objective] = cls.resolve_config(cfg.objective_config, info)
     sizes = schema_of(cls).tower_sizes(cfg, info)
     towers = build_towers(cfg.model, cls.towers, sizes)
     objective = create_objective(cfg.objective, towers, cfg.objective_config)
@@ -154,7 +156,11 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     Under ``engine=deepspeed`` every rank runs this function (started by the deepspeed launcher).
 
     The loop reads no key of a batch and asks no model its type: the objective declares its
-    towers and batch schema (:mod:`pretrain.batches`), the engine takes whole optimizer steps.
+    towers and batch schema (:mod:`pretrain.batches`), which images it learns from (all of the
+    train split, or its labelled subset, ``labels`` / ``label_seed``), whether it evaluates
+    (``eval_split``: :meth:`~pretrain.objectives.Objective.evaluate` every ``eval_every`` steps and
+    at the end) and what ``weights.safetensors`` holds
+    (:meth:`~pretrain.objectives.Objective.export_state`); the engine takes whole optimizer steps.
     """
     run_dir = Path(cfg.run_dir)
     if cfg.threads > 0:
@@ -172,10 +178,18 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     objective = build_model(cfg, info)
     if dp > 1 and cfg.model.global_bn:
         objective = convert_to_global_bn(objective)
+    labelled = None
+    if objective.labelled_only or objective.labelled_stream:
+        labelled = data_lib.labelled_split(train_ds, cfg.labels, cfg.label_seed)
+    images = labelled if objective.labelled_only else train_ds  # what the main stream draws from
+    eval_ds = None
+    if objective.eval_split:
+        eval_ds = data_lib.build_dataset(cfg.data, objective.eval_split, image_size=cfg.image_size or None,
+                                         seed=cfg.seed)
     channels_last = uses_channels_last(cfg, info.channels)
     engine = make_engine(cfg, objective, layout, channels_last=channels_last)
     accum = cfg.optim.grad_accum
-    objective.on_train_start(steps_per_epoch=len(train_ds) // (cfg.batch_size * dp) / accum)
+    objective.on_train_start(steps_per_epoch=len(images) // (cfg.batch_size * dp) / accum)
 
     start = 0
     if resume:
@@ -199,9 +213,9 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    collate = schema_of(objective).collate(cfg, objective, info, dp_rank, dp)
-    loader = data_lib.step_loader(train_ds, cfg.batch_size, collate, seed=cfg.seed, rank=dp_rank, world_size=dp,
-                                  start_step=start * accum, num_workers=cfg.num_workers)
+    schema = schema_of(objective)
+    loader = schema.loader(cfg, objective, info, images, dp_rank, dp, start_step=start * accum,
+                           labelled=labelled if objective.labelled_stream else None)
     logger = MetricsLogger(run_dir, resume_step=start) if main else None
     skips = data_lib.SkipCounter()
 
@@ -227,6 +241,14 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         raise RunError(f"step {step}: 100 batches in a row had fewer than 2 readable samples "
                        f"({skips.count} unreadable files so far); check the data")
 
+    def evaluate(final: bool) -> dict:
+        """The objective's numbers on its eval split, as ``{"<split>_<name>": value}`` (every rank runs it)."""
+        batches = (engine.prepare(b) for b in data_lib.eval_loader(eval_ds, image_size(cfg, info), batch_size=256))
+        with autocast_context(cfg.precision):
+            res = objective.evaluate(batches, final=final)
+        engine.train()
+        return {f"{objective.eval_split}_{k}": float(v) for k, v in res.items()}
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.objective}", disable=not (cfg.progress and main),
@@ -236,6 +258,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     t0, seen = time.perf_counter(), 0
     end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
     last_ckpt = None
+    evaluated: dict = {}  # the numbers of the final evaluation
     warned = False  # an objective's warning about its metrics is printed once per run
     try:
         for step in range(start, end):
@@ -249,12 +272,15 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
             objective.on_step_end(step, cfg.max_steps)
             done = step + 1
             bar.update(1)
-            if done % cfg.log_every == 0 or done == end or done == start + 1:
+            numbers = {}
+            if eval_ds is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
+                numbers = evaluate(final=False)
+            if done % cfg.log_every == 0 or done == end or done == start + 1 or numbers:
                 rec = _scalars(metrics, dp)
                 if main:
                     dt = time.perf_counter() - t0
                     rec = {"step": done, **rec, "lr": engine.lr, "images_per_s": seen / max(dt, 1e-9),
-                           "skipped_files": skips.count}
+                           "skipped_files": skips.count, **numbers}
                     logger.log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
                     msg = None if warned else objective.check_metrics(rec)
@@ -263,7 +289,12 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                         tqdm.write(f"warning: {msg}", file=sys.stderr)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != end:
                 last_ckpt = checkpoint(done)
+        train_s = time.perf_counter() - t0
         last_ckpt = checkpoint(end)
+        if eval_ds is not None and end == cfg.max_steps:
+            evaluated = evaluate(final=True)
+            if main:
+                logger.log({"step": end, **evaluated})
     finally:
         bar.close()
         if logger is not None:
@@ -271,13 +302,18 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     state = engine.full_state_dict(last_ckpt)
     if main:
         towers = {t: getattr(cfg.model, t).backbone for t in objective.towers}
-        save_weights(run_dir / "weights.safetensors", state,
-                     {"objective": cfg.objective, "backbone": cfg.model.image.backbone, "format": "ssl-pretrain/1",
-                      "towers": json.dumps(towers), "config": json.dumps(to_dict(cfg))})
+        run = {"config": to_dict(cfg), "towers": schema.tower_sizes(cfg, info), "final": end == cfg.max_steps}
+        exported = objective.export_state(state, run)
+        if exported is not None:
+            tensors, extra_meta = exported
+            save_weights(run_dir / "weights.safetensors", tensors,
+                         {"objective": cfg.objective, "backbone": cfg.model.image.backbone, "format": "ssl-pretrain/1",
+                          "towers": json.dumps(towers), "config": json.dumps(run["config"]), **extra_meta})
         plot_metrics(run_dir, "loss")
-        summary = {"steps": end, "max_steps": cfg.max_steps, "world_size": world, "layout": layout.describe(),
-                   "engine": cfg.engine, "skipped_files": skips.count, "skipped": sorted(skips.files),
-                   "wall_s": round(time.perf_counter() - t0, 2)}
+        summary = {"steps": end, "max_steps": cfg.max_steps, "start_step": start, "world_size": world,
+                   "layout": layout.describe(), "engine": cfg.engine, "skipped_files": skips.count,
+                   "skipped": sorted(skips.files), "train_wall_s": round(train_s, 2),
+                   "wall_s": round(time.perf_counter() - t0, 2), **evaluated}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         if skips.count:
             print(f"skipped {skips.count} unreadable file(s); see {run_dir / 'train_summary.json'}")

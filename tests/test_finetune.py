@@ -13,8 +13,10 @@ from losses import distillation_loss
 from models import MLPHead, create_backbone, layer_ids, list_backbones, num_blocks, num_layers
 from launch.cli import main
 from pretrain.config import ConfigError
-from pretrain.finetune import (Classifier, DistillTask, evaluate, init_from_run, labelled_subset, load_classifier,
+from pretrain.finetune import (Classifier, evaluate, init_from_run, labelled_subset, load_classifier,
                                param_groups)
+from pretrain.objectives import create_objective, list_objectives
+from pretrain.objectives.distill import Distill, DistillConfig
 from pretrain.optim import build_optimizer
 from pretrain.schedules import LRSchedule
 
@@ -177,15 +179,17 @@ def test_finetune_command_artefacts_and_ema_evaluation(runs):
     # the saved weights are the EMA weights, they differ from the raw ones, and they are what was evaluated
     model, meta = load_classifier(ft)
     assert meta["kind"] == "finetune" and meta["ema"] == "True"
+    # the checkpoint holds the objective: the trained classifier (backbone., neck., head.) and its EMA copy (ema.)
     raw = torch.load(ft / "checkpoints" / "step_6" / "state.pt", weights_only=False)["engine"]["model"]
+    raw = {k: v for k, v in raw.items() if not k.startswith("ema.")}
     ema = model.state_dict()
-    diffs = [not torch.equal(raw["model." + k], v) for k, v in ema.items() if v.is_floating_point()
+    diffs = [not torch.equal(raw[k], v) for k, v in ema.items() if v.is_floating_point()
              and "running" not in k]
     assert any(diffs)
     test = data_lib.build_dataset("digits", "test")
     assert evaluate(model, test, 16) == pytest.approx(s["test_acc"])
     raw_model, _ = load_classifier(ft)
-    raw_model.load_state_dict({k[len("model."):]: v for k, v in raw.items()})
+    raw_model.load_state_dict(raw)
     assert evaluate(raw_model, test, 16) == pytest.approx(s["test_acc_raw_weights"])
 
 
@@ -204,16 +208,22 @@ def test_finetune_from_scratch_and_from_byol(runs):
     assert s["source_objective"] == "byol" and s["head_layers_used"] == 0 and 0 <= s["test_acc"] <= 1
 
 
+def _straight_and_resumed(root, command, common, stop_at, straight, stopped):
+    """Run ``command`` straight and with a planned stop + ``--resume``: the stop leaves no weights, and both
+    runs end with the same weights. Returns both summaries."""
+    assert main([command, *common, f"run_dir={root / straight}"]) == 0
+    assert main([command, *common, f"stop_at={stop_at}", f"run_dir={root / stopped}"]) == 0
+    assert not (root / stopped / "weights.safetensors").exists()
+    assert main([command, "--resume", str(root / stopped)]) == 0
+    a, b = (load_file(str(root / d / "weights.safetensors")) for d in (straight, stopped))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return [json.loads((root / d / "summary.json").read_text()) for d in (straight, stopped)]
+
+
 def test_finetune_resume_continues_exactly(runs):
     root = runs["root"]
     common = ["--run", str(runs["pre"]), *TINY_FT, "ema_decay=0.9"]
-    assert main(["finetune", *common, f"run_dir={root / 'straight'}"]) == 0
-    assert main(["finetune", *common, "stop_at=3", f"run_dir={root / 'stopped'}"]) == 0
-    assert not (root / "stopped" / "weights.safetensors").exists()
-    assert main(["finetune", "--resume", str(root / "stopped")]) == 0
-    a, b = (load_file(str(root / d / "weights.safetensors")) for d in ("straight", "stopped"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (json.loads((root / d / "summary.json").read_text()) for d in ("straight", "stopped"))
+    sa, sb = _straight_and_resumed(root, "finetune", common, 3, "straight", "stopped")
     assert sb["resumed_from_step"] == 3 and sa["test_acc"] == sb["test_acc"]
 
 
@@ -261,14 +271,15 @@ def test_distillation_loss_matches_the_formula():
         distillation_loss(s, t, 0.0)
 
 
-def test_distill_task_keeps_teacher_frozen_in_eval_mode():
+def test_distill_objective_keeps_teacher_frozen_in_eval_mode():
     def clf():
         bb = create_backbone("resnet18", in_chans=1, width=4)
         return Classifier(bb, torch.nn.Sequential(), bb.embed_dim, 3)
 
     teacher = clf()
-    task = DistillTask(clf(), teacher, temperature=2.0, alpha=0.0).train()
-    assert task.model.training and not task.teacher.training
+    task = Distill(create_backbone("resnet18", in_chans=1, width=4), DistillConfig(temperature=2.0, alpha=0.0),
+                   teacher=teacher).train()
+    assert task.training and task.backbone.training and not task.teacher.training
     before = teacher.state_dict()
     before = {k: v.clone() for k, v in before.items()}
     out = task({"views": [torch.randn(6, 1, 16, 16)]})
@@ -316,3 +327,87 @@ def test_recipes_load():
     assert vit.optim.name == "adamw" and 0 < vit.layer_decay < 1 and vit.ema_decay > 0
     with pytest.raises(ConfigError, match="unknown config key 'distil'"):
         load_finetune_config(root / "distill_mnist5k.yaml", ["distil.alpha=0.5"])
+
+
+# ------------------------------------------------------------------------------------------ one loop
+
+
+def test_finetune_and_distill_are_objectives_trained_by_fit(runs):
+    assert {"supervised", "distill"} <= set(list_objectives())
+    ft = runs["ft"]
+    cfg = (ft / "config.yaml").read_text()
+    assert "objective: supervised" in cfg and "labels: 0.1" in cfg
+    trained = json.loads((ft / "train_summary.json").read_text())
+    s = json.loads((ft / "summary.json").read_text())
+    assert trained["test_acc"] == s["test_acc"] and trained["steps"] == 6
+    rows = [json.loads(ln) for ln in (ft / "metrics.jsonl").read_text().splitlines()]
+    assert all("lr" in r and "images_per_s" in r and "train_acc" in r for r in rows if "loss" in r)
+    assert list((ft / "tb").iterdir()), "no TensorBoard event files"
+    # the objective alone: one lightly augmented view of each labelled image, evaluated on the test split
+    obj = create_objective("supervised", create_backbone("resnet18", in_chans=1, width=4), num_classes=3)
+    assert obj.labelled_only and obj.eval_split == "test" and obj.num_views == 1 and obj.view_recipe == "light"
+    assert sorted(k.split(".")[0] for k in obj.state_dict()) == sorted(
+        k.split(".")[0] for k in Classifier(obj.backbone, obj.neck, obj.backbone.embed_dim, 3).state_dict())
+
+
+def test_supervised_objective_trains_through_pretrain_fit(tmp_path):
+    """The objective without the command: the number of classes comes from the data, the labelled subset from
+    ``labels``, and the run exports a classifier."""
+    run = tmp_path / "sup"
+    assert main(["fit", "objective=supervised", "data=digits", "image_size=16", "model.width=8", "labels=0.1",
+                 "batch_size=16", "max_steps=2", "eval_every=1", "log_every=1", "precision=fp32", "progress=false",
+                 "optim.name=sgd", "optim.lr=0.05", f"run_dir={run}"]) == 0
+    assert "num_classes: 10" in (run / "config.yaml").read_text()
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "test_acc" in r] == [1, 2]  # every eval_every steps, then at the end
+    model, meta = load_classifier(run)
+    assert meta["kind"] == "finetune" and model.head.out_features == 10
+    trained = json.loads((run / "train_summary.json").read_text())
+    assert evaluate(model, data_lib.build_dataset("digits", "test"), 16) == pytest.approx(trained["test_acc"])
+
+
+def test_distill_with_labelled_stream_resumes_exactly(runs):
+    root = runs["root"]
+    common = ["--teacher", str(runs["ft"]), "--student", "resnet18", "student.width=4", "max_steps=4", "batch_size=32",
+              "log_every=1", "progress=false", "distill.alpha=0.5", "ema_decay=0.5"]
+    sa, sb = _straight_and_resumed(root, "distill", common, 2, "d_straight", "d_stopped")
+    rows = [[json.loads(ln) for ln in (root / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("d_straight", "d_stopped")]
+    ce = [[r["ce_loss"] for r in rs if "loss" in r] for rs in rows]
+    assert len(ce[0]) == 4 and ce[0] == ce[1]
+    assert sb["resumed_from_step"] == 2 and sb["evaluated"] == "ema" and sb["kind"] == "distill"
+    assert sa["test_acc"] == sb["test_acc"]
+
+
+def test_finetune_runs_under_deepspeed_on_two_ranks(tmp_path):
+    """``pretrain finetune`` under the deepspeed launcher, 2 ranks with ZeRO-2 and global batch norm, gives
+    the loss curve of one process with the doubled batch, and the same run files."""
+    import os
+    import subprocess
+    import sys
+
+    from dist_helpers import find_free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["finetune", "--from-scratch", "--labels", "0.25", "data=digits", "image_size=16", "model.width=8",
+              "max_steps=4", "log_every=1", "progress=false", "optim.warmup_steps=0", "optim.lr=0.001"]
+    one = subprocess.run([sys.executable, "-m", "launch", *common, "batch_size=32", f"run_dir={tmp_path / 'one'}"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
+                          str(find_free_port()), "--module", "--no_local_rank", "launch", *common, "batch_size=16",
+                          "engine=deepspeed", "deepspeed.zero_stage=2", f"run_dir={tmp_path / 'two'}"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    rows = [[json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    losses = [[r["loss"] for r in rs if "loss" in r] for rs in rows]
+    assert len(losses[0]) == len(losses[1]) == 4
+    for a, b in zip(*losses):
+        assert b == pytest.approx(a, rel=1e-4)
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["engine"] == "deepspeed" and s["world_size"] == 2 and s["batch_size"] == 16
+    assert rows[1][-1]["test_acc"] == s["test_acc"]
+    model, meta = load_classifier(tmp_path / "two")
+    assert meta["kind"] == "finetune"
+    assert evaluate(model, data_lib.build_dataset("digits", "test"), 16) == pytest.approx(s["test_acc"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import WSLinear, create_backbone
-from pretrain.objectives import create_objective, list_objectives
+from pretrain.objectives import create_objective, list_objectives, objective_class, objective_config_class
 from pretrain.objectives.byol import cosine_momentum
 
 
@@ -17,9 +17,33 @@ def _batch(n=6, size=16):
             "image": torch.randn(n, 1, size, size), "label": torch.arange(n) % 3}
 
 
+def _tiny_teacher(num_classes=3):
+    from pretrain.objectives.supervised import Classifier
+
+    bb = create_backbone("resnet18", in_chans=1, width=4)
+    return Classifier(bb, torch.nn.Sequential(), bb.embed_dim, num_classes)
+
+
+def _tiny_objective(name):
+    """A small instance of any registered objective: pretraining objectives with small heads, the
+    classifier objectives with 3 classes (distill with a small in-memory teacher)."""
+    cls = objective_class(name)
+    if cls.pretraining:
+        return create_objective(name, _tiny_backbone(), proj_hidden=32, proj_dim=16)
+    cfg = objective_config_class(name)(num_classes=3)
+    if name == "distill":
+        return cls(_tiny_backbone(), cfg, teacher=_tiny_teacher())
+    return cls(_tiny_backbone(), cfg)
+
+
+def test_the_classifier_objectives_are_registered():
+    assert {"byol", "simclr", "swav", "supervised", "distill"} <= set(list_objectives())
+    assert not objective_class("supervised").pretraining and not objective_class("distill").pretraining
+
+
 @pytest.mark.parametrize("name", list_objectives())
 def test_every_objective_trains_one_step(name):
-    obj = create_objective(name, _tiny_backbone(), proj_hidden=32, proj_dim=16)
+    obj = _tiny_objective(name)
     groups = obj.param_groups()
     params = [p for g in groups for p in g["params"]]
     ids = {id(p) for p in params}
@@ -76,7 +100,7 @@ def test_byol_loss_value_matches_formula():
 
 
 def test_unknown_objective_and_option():
-    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: byol, simclr"):
+    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: byol, distill, simclr"):
         create_objective("simclrr", _tiny_backbone())
     with pytest.raises(TypeError, match="objective 'simclr' has no option 'bogus'"):
         create_objective("simclr", _tiny_backbone(), bogus=1)

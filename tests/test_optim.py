@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pretrain.objectives import create_objective, list_objectives
+from pretrain.objectives import list_objectives
 from pretrain.optim import LARS, build_optimizer
 from pretrain.schedules import LRSchedule, warmup_cosine
 
@@ -59,10 +59,10 @@ def test_warmup_cosine():
 def test_lars_for_every_objective_excludes_biases_and_norms(name):
     """LARS works with any objective's param groups: 1-d parameters (biases, norm scales) get neither
     the trust ratio nor weight decay, matrices and kernels get both."""
-    from models import create_backbone
+    from test_objectives import _tiny_objective
 
     torch.manual_seed(0)
-    obj = create_objective(name, create_backbone("resnet18", in_chans=1, width=8), proj_hidden=32, proj_dim=16)
+    obj = _tiny_objective(name)
     opt = build_optimizer(obj.param_groups(), "lars", lr=0.1, weight_decay=0.5, momentum=0.9, lars_eta=0.01)
     assert isinstance(opt, LARS)
     for g in opt.param_groups:

@@ -7,6 +7,8 @@ from ._args import CliError
 
 
 def _print_summary(s: dict, run_dir: str) -> None:
+    if "rank" in s:  # under the deepspeed launcher rank 0 reports
+        return
     if "stopped_at" in s:
         print(f"{s['kind']}: stopped after step {s['stopped_at']} of {s['max_steps']} with a checkpoint; continue "
               f"with --resume {run_dir}")
@@ -16,18 +18,29 @@ def _print_summary(s: dict, run_dir: str) -> None:
 
 
 def _run(args, fresh_flags: tuple, train: Callable[..., dict], new_config: Callable[[], Any]) -> int:
-    """Resume the run ``--resume`` names (none of ``fresh_flags`` may be set) or train ``new_config()``."""
-    from pretrain.finetune import resume_config
+    """Resume the run ``--resume`` names (none of ``fresh_flags`` may be set) or train ``new_config()``.
 
-    if args.resume:
-        if any(fresh_flags):
-            raise CliError("--resume takes the run's own config.yaml; give only key=value overrides with it")
-        cfg = resume_config(args.resume, args.overrides)
-        summary = train(cfg, resume=True)
-    else:
-        cfg = new_config()
-        summary = train(cfg)
-    _print_summary(summary, cfg.run_dir)
+    Under the deepspeed launcher (``engine=deepspeed``; ``deepspeed --module --no_local_rank launch
+    finetune ...``) every rank runs this; the process group is shut down at the end.
+    """
+    from pretrain.engines import shutdown_distributed
+    from pretrain.finetune import resume
+
+    ok = False
+    try:
+        if args.resume:
+            if any(fresh_flags):
+                raise CliError("--resume takes the run's own config.yaml; give only key=value overrides with it")
+            run_dir = args.resume
+            summary = resume(args.resume, args.overrides)
+        else:
+            cfg = new_config()
+            summary = train(cfg)
+            run_dir = cfg.run_dir
+        ok = True
+    finally:
+        shutdown_distributed(wait=ok)  # nothing to do outside a launcher job
+    _print_summary(summary, run_dir)
     return 0
 
 

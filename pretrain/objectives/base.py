@@ -24,10 +24,16 @@ class Objective(nn.Module):
       each is built from ``model.<tower>`` through the backbone registry and handed to
       ``__init__`` (a dict ``{tower: module}``, or the image tower alone for image-only objectives);
     * ``batch``: the batch schema it trains on (:mod:`pretrain.batches`: ``views``, ``pairs``);
-    * for ``views``: ``view_recipe`` (see :func:`data.view_specs`), ``multi_crop`` and
-      ``local_views``.
+    * for ``views``: ``view_recipe`` (see :func:`data.view_specs`), ``num_views``, ``multi_crop``
+      and ``local_views``;
+    * which labels it learns from: ``labelled_only`` (it trains on the class-balanced labelled
+      subset of the train split that ``labels`` / ``label_seed`` pick, not on every image) and
+      ``labelled_stream`` (every train image, plus a second stream of batches from that subset
+      under ``batch["labelled"]``; an instance may set it from its config);
+    * ``eval_split``: the split :meth:`evaluate` runs on (None: the objective does not evaluate).
 
-    Then it implements :meth:`forward`.
+    Then it implements :meth:`forward`, and where it needs them the hooks below (:meth:`evaluate`,
+    :meth:`export_state`, :meth:`resolve_config`, ...).
     """
 
     towers: tuple[str, ...] = ("image",)
@@ -38,6 +44,12 @@ class Objective(nn.Module):
     # (``batch["views"][2:]``), and how many the loader draws unless ``aug.local_views`` says otherwise
     multi_crop: bool = False
     local_views: int = 0
+    # whether it pretrains representations without labels (False: it trains a classifier on labels
+    # or on a teacher's predictions); error messages list the pretraining objectives first
+    pretraining: bool = True
+    labelled_only: bool = False
+    labelled_stream: bool = False
+    eval_split: str | None = None
 
     def __init__(self, towers):
         super().__init__()
@@ -58,6 +70,36 @@ class Objective(nn.Module):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """Return ``{"loss": scalar with grad, "<part>_loss": detached, ...}``."""
         raise NotImplementedError
+
+    @classmethod
+    def resolve_config(cls, cfg: Any, info) -> Any:
+        """The objective's config with what the data fixes filled in (e.g. a number of classes left
+        at 0); ``info`` is the train split's :class:`data.DatasetInfo`. Called before the objective
+        is built; the run's config.yaml records the result. Default: the config as it is."""
+        return cfg
+
+    def evaluate(self, loader, final: bool = False) -> dict[str, float]:
+        """Numbers measured on the ``eval_split`` images, e.g. ``{"acc": 0.93}``.
+
+        ``loader`` yields batches ``{"image", "label", "index"}`` (resized and normalised, in the
+        run's memory layout); the loop runs this under the run's precision on every rank, every
+        ``eval_every`` steps and once more at the end (``final=True``, where it may report more),
+        and logs each number as ``<split>_<name>`` (``test_acc``) into metrics.jsonl and
+        train_summary.json. Default: nothing.
+        """
+        return {}
+
+    def export_state(self, state: dict[str, Tensor], run: dict) -> tuple[dict, dict] | None:
+        """What ``weights.safetensors`` holds: ``(tensors, extra metadata)`` from the whole model's
+        state dict ``state``, or None to write no weights file.
+
+        ``run`` describes the run: ``config`` (the resolved config as a plain dict), ``towers`` (what
+        the data fixed about each tower: ``{"image": {"in_chans", "image_size"}}``) and ``final``
+        (False after a planned stop before ``max_steps``). The extra metadata is written over the
+        loop's own (``objective``, ``backbone``, ``format``, ``towers``, ``config``). Default: every
+        tensor, no extra metadata.
+        """
+        return state, {}
 
     def on_train_start(self, steps_per_epoch: float) -> None:
         """Called once before training (and before a resume restores state), with the number of
