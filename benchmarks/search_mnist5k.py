@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 import data as D
-from eval_probes.search.align import AlignConfig, align_embeddings
+from eval_probes.search.align import AlignConfig
+from pretrain.align import align_embeddings
 from eval_probes.search.captions import caption_dataset, digit_queries, write_captions
 from eval_probes.search.embed import EmbeddingStore, embed_dataset, load_encoder
 from eval_probes.search.index import build_index

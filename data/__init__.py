@@ -3,13 +3,13 @@ from .augment import ViewAugment, ViewSpec, eval_transform, multicrop_specs, vie
 from .datasets import (DataError, DatasetInfo, ImageFolderDataset, TensorImageDataset, build_dataset,
                        list_datasets, load_image, register_dataset)
 from .loader import (EvalCollate, PairCollate, SkipCounter, StepBatchSampler, ViewCollate, ZippedLoader, batch_len,
-                     eval_loader, step_loader, train_loader)
+                     eval_loader, own_generator, step_loader, train_loader)
 from .subsets import SubsetDataset, check_fraction, dataset_labels, labelled_split, labelled_subset
 from .tokenize import TOKENIZERS, ByteTokenizer, create_tokenizer, list_tokenizers
 
 __all__ = ["ViewAugment", "ViewSpec", "eval_transform", "multicrop_specs", "view_specs", "DataError", "DatasetInfo",
            "ImageFolderDataset", "TensorImageDataset", "build_dataset", "list_datasets", "load_image",
            "register_dataset", "EvalCollate", "SkipCounter", "StepBatchSampler", "ViewCollate",
-           "eval_loader", "train_loader", "PairCollate", "batch_len", "step_loader", "TOKENIZERS", "ByteTokenizer",
+           "eval_loader", "train_loader", "PairCollate", "batch_len", "step_loader", "own_generator", "TOKENIZERS", "ByteTokenizer",
            "create_tokenizer", "list_tokenizers", "ZippedLoader", "SubsetDataset", "check_fraction", "dataset_labels",
            "labelled_split", "labelled_subset"]

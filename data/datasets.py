@@ -45,6 +45,8 @@ class DatasetInfo:
     flip: bool = True  # horizontal flips keep the meaning (false for digits)
     color: bool = True  # colour jitter / greyscale make sense
     class_names: list[str] = field(default_factory=list)
+    # what a dataset of something else than images tells the model (e.g. vector dimensions)
+    extra: dict = field(default_factory=dict)
 
 
 class TensorImageDataset(Dataset):

@@ -173,7 +173,15 @@ def step_loader(ds: Dataset, batch_size: int, collate, *, seed: int = 0, rank: i
     (any of this module's collates, or an objective's own)."""
     sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step)
     return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=collate,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, persistent_workers=num_workers > 0, generator=own_generator(seed))
+
+
+def own_generator(seed: int = 0) -> torch.Generator:
+    """A generator for a DataLoader's base seed. Without one, starting to iterate a DataLoader draws
+    from torch's global RNG, so a resumed run (which starts iterating after restoring that RNG)
+    would see other dropout masks than the uninterrupted run; the loaders of this package never
+    touch the global RNG (their randomness is keyed by seed and step)."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def train_loader(ds: Dataset, batch_size: int, augments: Sequence[ViewAugment], *, seed: int = 0, rank: int = 0,
@@ -210,7 +218,7 @@ def eval_loader(ds: Dataset, size: int, batch_size: int = 512, num_workers: int 
     """A single ordered pass over a dataset, for features and probes."""
     info = ds.info
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=EvalCollate(size, info.mean, info.std))
+                      collate_fn=EvalCollate(size, info.mean, info.std), generator=own_generator())
 
 
 class SkipCounter:

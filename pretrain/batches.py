@@ -6,7 +6,13 @@ towers' data-given sizes and for the collate function, and never reads a key of 
 * ``views``: ``{"views": [global_1, global_2, local_1, ...], "label", "index"}``, augmented
   views of each image for joint-embedding methods (BYOL, SimCLR, SwAV with multi-crop);
 * ``pairs``: ``{"image", "text" (token ids [B, context_length]), "label", "index"}``, images with
-  their captions, for two-tower contrastive objectives.
+  their captions, for two-tower contrastive objectives;
+* ``embedded_pairs``: ``{"image_vec" [B, D], "text_vec" [B, T], "caption_id", "index"}``, frozen
+  image embeddings with the embeddings of their captions, for heads trained on top of frozen
+  encoders (the ``align`` objective of ``pretrain search align``).
+
+A schema also says where the data comes from (:meth:`BatchSchema.dataset`: by default the
+``data`` spec) and how its evaluation batches are made (:meth:`BatchSchema.eval_loader`).
 
 Objectives that ask for a labelled stream (``Objective.labelled_stream``) get, under ``views``,
 each batch with ``"labelled"``: a ``views`` batch of the labelled subset (see :meth:`BatchSchema.loader`).
@@ -26,6 +32,15 @@ SCHEMAS: Registry = Registry("batch schema")
 
 class BatchSchema:
     """How the data feeds one kind of objective."""
+
+    def dataset(self, cfg: RunConfig, split: str):
+        """The ``split`` of the run's data (default: the ``data`` spec, :func:`data.build_dataset`)."""
+        return data_lib.build_dataset(cfg.data, split, image_size=cfg.image_size or None, seed=cfg.seed)
+
+    def eval_loader(self, cfg: RunConfig, info: data_lib.DatasetInfo, ds):
+        """One ordered pass over an evaluation split (default: images resized and normalised,
+        ``{"image", "label", "index"}``)."""
+        return data_lib.eval_loader(ds, image_size(cfg, info), batch_size=256)
 
     def tower_sizes(self, cfg: RunConfig, info: data_lib.DatasetInfo) -> dict[str, dict]:
         """``{tower: {keyword: size}}``: what the data fixes about each tower (channels, vocabulary)."""
@@ -140,6 +155,48 @@ class PairsSchema(BatchSchema):
     def collate(self, cfg, objective, info, rank, world):
         return data_lib.PairCollate(image_size(cfg, info), info.mean, info.std, self.tokenizer(cfg), seed=cfg.seed,
                                     rank=rank, world_size=world, batch_size=cfg.batch_size)
+
+
+@SCHEMAS.register("embedded_pairs")
+class EmbeddedPairsSchema(BatchSchema):
+    """Frozen image embeddings (an embeddings directory, ``data=EMB_DIR``) paired by id with the
+    embeddings of their captions (:class:`eval_probes.search.align.CaptionedEmbeddings`). The
+    objective's config names the captions file (``captions``), the text encoder
+    (``text_encoder``) and the held-out fraction (``val_fraction``); the splits are ``train`` and
+    ``val``. No tower is built: the objective's heads are its whole model."""
+
+    def dataset(self, cfg, split):
+        from eval_probes.search.align import CaptionedEmbeddings
+
+        ocfg = cfg.objective_config
+        for key in ("captions", "text_encoder", "val_fraction"):
+            if not hasattr(ocfg, key):
+                raise ConfigError(f"objective '{cfg.objective}' trains on embedded pairs but its config has no "
+                                  f"'{key}' (the '{cfg.objective}.{key}' key the embedded_pairs schema reads)")
+        if not ocfg.captions:
+            raise ConfigError(f"config key '{cfg.objective}.captions': expected a captions file (CAPTIONS.jsonl)")
+        return CaptionedEmbeddings(cfg.data, ocfg.captions, split, ocfg.val_fraction, cfg.seed, ocfg.text_encoder)
+
+    def eval_loader(self, cfg, info, ds):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(ds, batch_size=1024, shuffle=False, generator=data_lib.own_generator())
+
+    def tower_sizes(self, cfg, info):
+        return {}
+
+    def collate(self, cfg, objective, info, rank, world):
+        from torch.utils.data import default_collate
+
+        def collate(items):
+            step = items[0].pop("step", -1) if items else -1
+            for it in items[1:]:
+                it.pop("step", None)
+            batch = default_collate(items)
+            batch.update(step=step, skipped=[])
+            return batch
+
+        return collate
 
 
 def schema_of(objective) -> BatchSchema:

@@ -12,7 +12,7 @@ import data as data_lib
 from data.common import UserError
 from losses import all_reduce_mean
 
-from .batches import image_size, schema_of
+from .batches import schema_of
 from .checkpoint import latest_checkpoint, read_meta, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import RunConfig, save_config, to_dict
 from .engines import ENGINES, NonFiniteLossError, autocast_context, build_engine, init_distributed
@@ -173,7 +173,8 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     main = rank == 0
     barrier = _barrier if world > 1 else None
     torch.manual_seed(cfg.seed)
-    train_ds = data_lib.build_dataset(cfg.data, "train", image_size=cfg.image_size or None, seed=cfg.seed)
+    schema = schema_of(objective_class(cfg.objective))
+    train_ds = schema.dataset(cfg, "train")
     info = train_ds.info
     objective = build_model(cfg, info)
     if dp > 1 and cfg.model.global_bn:
@@ -182,10 +183,8 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     if objective.labelled_only or objective.labelled_stream:
         labelled = data_lib.labelled_split(train_ds, cfg.labels, cfg.label_seed)
     images = labelled if objective.labelled_only else train_ds  # what the main stream draws from
-    eval_ds = None
-    if objective.eval_split:
-        eval_ds = data_lib.build_dataset(cfg.data, objective.eval_split, image_size=cfg.image_size or None,
-                                         seed=cfg.seed)
+    objective.on_data(images)
+    eval_ds = schema.dataset(cfg, objective.eval_split) if objective.eval_split else None
     channels_last = uses_channels_last(cfg, info.channels)
     engine = make_engine(cfg, objective, layout, channels_last=channels_last)
     accum = cfg.optim.grad_accum
@@ -213,7 +212,6 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    schema = schema_of(objective)
     loader = schema.loader(cfg, objective, info, images, dp_rank, dp, start_step=start * accum,
                            labelled=labelled if objective.labelled_stream else None)
     logger = MetricsLogger(run_dir, resume_step=start) if main else None
@@ -243,7 +241,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
 
     def evaluate(final: bool) -> dict:
         """The objective's numbers on its eval split, as ``{"<split>_<name>": value}`` (every rank runs it)."""
-        batches = (engine.prepare(b) for b in data_lib.eval_loader(eval_ds, image_size(cfg, info), batch_size=256))
+        batches = (engine.prepare(b) for b in schema.eval_loader(cfg, info, eval_ds))
         with autocast_context(cfg.precision):
             res = objective.evaluate(batches, final=final)
         engine.train()

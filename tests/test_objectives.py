@@ -28,6 +28,8 @@ def _tiny_objective(name):
     """A small instance of any registered objective: pretraining objectives with small heads, the
     classifier objectives with 3 classes (distill with a small in-memory teacher)."""
     cls = objective_class(name)
+    if name == "align":  # heads on frozen embeddings: no tower
+        return cls({}, objective_config_class(name)(image_dim=12, text_dim=8, out_dim=6, hidden_dim=16))
     if cls.pretraining:
         return create_objective(name, _tiny_backbone(), proj_hidden=32, proj_dim=16)
     cfg = objective_config_class(name)(num_classes=3)
@@ -41,7 +43,16 @@ def test_the_classifier_objectives_are_registered():
     assert not objective_class("supervised").pretraining and not objective_class("distill").pretraining
 
 
-@pytest.mark.parametrize("name", list_objectives())
+IMAGE_OBJECTIVES = [n for n in list_objectives() if objective_class(n).towers == ("image",)]
+
+
+def test_every_objective_is_covered_here():
+    """Image objectives train one step below; the others have their own tests (align here, the
+    two-tower test objective in test_core.py)."""
+    assert set(list_objectives()) - set(IMAGE_OBJECTIVES) <= {"align", "two_tower_test"}
+
+
+@pytest.mark.parametrize("name", IMAGE_OBJECTIVES)
 def test_every_objective_trains_one_step(name):
     obj = _tiny_objective(name)
     groups = obj.param_groups()
@@ -100,7 +111,7 @@ def test_byol_loss_value_matches_formula():
 
 
 def test_unknown_objective_and_option():
-    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: byol, distill, simclr"):
+    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: align, byol, distill, simclr"):
         create_objective("simclrr", _tiny_backbone())
     with pytest.raises(TypeError, match="objective 'simclr' has no option 'bogus'"):
         create_objective("simclr", _tiny_backbone(), bogus=1)
@@ -193,3 +204,36 @@ def test_fit_warns_once_when_byol_projections_collapse(tmp_path, monkeypatch, ca
     fit(load_config(overrides=[*tiny, f"run_dir={tmp_path / 'collapsed'}"]))
     err = capsys.readouterr().err
     assert err.count("warning: target_std 0.010 at step 1") == 1 and err.count("collapse") == 1
+
+
+def test_align_objective_is_clip_infonce_on_its_heads():
+    """The align objective's loss is the symmetric InfoNCE of the paper's formula on the heads'
+    outputs; weight decay only on weight matrices; the logit scale trains unless fixed."""
+    import torch.nn.functional as F
+
+    from pretrain.objectives.align import Align, AlignObjectiveConfig
+
+    torch.manual_seed(0)
+    obj = Align({}, AlignObjectiveConfig(image_dim=12, text_dim=8, out_dim=6, hidden_dim=16, dropout=0.0))
+    x, t = torch.randn(5, 12), torch.randn(5, 8)
+    out = obj({"image_vec": x, "text_vec": t})
+    with torch.no_grad():
+        i = F.normalize(obj.heads.image_head((x - obj.heads.image_mean) / obj.heads.image_std), dim=1)
+        u = F.normalize(obj.heads.text_head(t), dim=1)
+        s = math.exp(obj.heads.log_logit_scale.item())
+        logits = s * i @ u.T
+        want = 0.0
+        for k in range(5):  # -log softmax of the matching pair, in each direction
+            want += -(logits[k, k] - torch.logsumexp(logits[k], 0)) - (logits[k, k] - torch.logsumexp(logits[:, k], 0))
+        want /= 10
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert s == pytest.approx(1 / 0.07, rel=1e-5)
+    groups = obj.param_groups()
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[1]["weight_decay"] == 0.0
+    assert any(p is obj.heads.log_logit_scale for p in groups[1]["params"])
+    out["loss"].backward()
+    assert obj.heads.log_logit_scale.grad is not None
+    fixed = Align({}, AlignObjectiveConfig(image_dim=12, text_dim=8, learn_temperature=False))
+    assert not any(p is fixed.heads.log_logit_scale for g in fixed.param_groups() for p in g["params"])
+    with pytest.raises(ValueError, match="image_dim and text_dim come from the data"):
+        Align({}, AlignObjectiveConfig())

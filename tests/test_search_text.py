@@ -179,7 +179,8 @@ def test_minilm_registry_and_vectors(minilm):
 @pytest.fixture(scope="module")
 def aligned(mnist, minilm, tmp_path_factory):
     """Pixel embeddings of the 4,000 training digits, 600 of them captioned; heads trained on those."""
-    from eval_probes.search.align import AlignConfig, align_embeddings
+    from eval_probes.search.align import AlignConfig
+    from pretrain.align import align_embeddings
     from eval_probes.search.embed import embed_dataset
 
     root = tmp_path_factory.mktemp("aligned")
@@ -223,7 +224,7 @@ def test_heads_save_is_atomic(aligned, tmp_path, monkeypatch):
 
     target = tmp_path / "heads"
     shutil.copytree(aligned["root"] / "heads", target)
-    before = (target / "heads.safetensors").read_bytes()
+    before = (target / "weights.safetensors").read_bytes()
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -231,9 +232,81 @@ def test_heads_save_is_atomic(aligned, tmp_path, monkeypatch):
     monkeypatch.setattr("safetensors.torch.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         aligned["heads"].save(target)
-    assert (target / "heads.safetensors").read_bytes() == before
+    assert (target / "weights.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads"]
     assert AlignmentHeads.load(target).out_dim == 64
+
+
+def test_align_is_a_run_that_resumes_exactly(aligned, tmp_path, capsys):
+    """The heads train through the training loop: HEAD_DIR is a run directory, and stop_at + --resume
+    gives the weights and losses of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from eval_probes.search.align import AlignConfig, AlignmentHeads
+    from pretrain.align import align_embeddings
+
+    root = aligned["root"]
+    cfg = dict(epochs=3, batch_size=128, out_dim=32, hidden_dim=64, seed=1)
+    whole = align_embeddings(root / "emb", root / "captions.jsonl", tmp_path / "whole", AlignConfig(**cfg),
+                             progress=False)
+    assert whole.info["metrics"]["steps"] == 12  # 3 epochs x (540 train pairs // 128)
+    for name in ("config.yaml", "metrics.jsonl", "train_summary.json", "weights.safetensors", "heads.json"):
+        assert (tmp_path / "whole" / name).is_file(), name
+    stopped = align_embeddings(root / "emb", root / "captions.jsonl", tmp_path / "split",
+                               AlignConfig(**cfg, stop_at=5), progress=False)
+    assert stopped == {"stopped_at": 5, "max_steps": 12}
+    assert not (tmp_path / "split" / "heads.json").exists()  # not a complete HEAD_DIR yet
+    rc, out, err = _run(["search", "align", "--resume", str(tmp_path / "split"), "--quiet"], capsys)
+    assert rc == 0, err
+    assert "trained alignment heads (784 -> 32 <- 384" in out
+    a, b = load_file(str(tmp_path / "whole" / "weights.safetensors")), \
+        load_file(str(tmp_path / "split" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    assert losses("whole") == losses("split") and len(losses("whole")) == 12
+    back = AlignmentHeads.load(tmp_path / "split")
+    assert back.info["metrics"]["resumed_from_step"] == 5
+    assert back.info["config"]["epochs"] == 3 and back.info["config"]["batch_size"] == 128
+    assert back.info["metrics"]["val_caption_acc"] == whole.info["metrics"]["val_caption_acc"]
+
+
+def test_align_runs_under_deepspeed_on_two_ranks(aligned, tmp_path):
+    """``pretrain search align`` under the deepspeed launcher: 2 ranks of 64 pairs (InfoNCE over the
+    gathered 128) give the per-step losses of one process with batches of 128, and a loadable HEAD_DIR."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_helpers import find_free_port
+    from eval_probes.search.align import AlignmentHeads
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["search", "align", "--embeddings", str(aligned["root"] / "emb"), "--captions",
+              str(aligned["root"] / "captions.jsonl"), "--epochs", "2", "--batch-size", "128", "--out-dim", "16",
+              "--hidden-dim", "32", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "launch", *common, "--out", str(tmp_path / "one"), "dropout=0"],
+                         cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
+                          str(find_free_port()), "--module", "--no_local_rank", "launch", *common,
+                          "--out", str(tmp_path / "two"), "dropout=0", "engine=deepspeed"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    losses = [[r["loss"] for r in rs if "loss" in r] for rs in rows]
+    assert len(losses[0]) == len(losses[1]) == 8  # 2 epochs x (540 // 128)
+    for a, b in zip(*losses):
+        assert b == pytest.approx(a, rel=1e-4)
+    heads = AlignmentHeads.load(tmp_path / "two")
+    assert heads.info["config"]["engine"] == "deepspeed" and heads.info["config"]["batch_size"] == 128
+    ids, vecs = aligned["store"].load()
+    assert np.allclose(heads.image(vecs[:20]), AlignmentHeads.load(tmp_path / "one").image(vecs[:20]), atol=1e-4)
 
 
 def test_text_query_for_a_digit_class_returns_that_class(aligned):
@@ -314,6 +387,10 @@ def test_cli_caption_align_build_query(aligned, tmp_path, capsys):
      "captions are for data ['digits'] but the embeddings"),
     (["search", "align", "--embeddings", "EMB", "--captions", "c.jsonl", "--out", "h", "--epochs", "-1"],
      "argument --epochs: --epochs must be a positive int, got '-1'"),
+    (["search", "align", "--embeddings", "EMB", "--captions", "c.jsonl"],
+     "the following arguments are required: --out (or --resume HEAD_DIR)"),
+    (["search", "align", "--resume", "I", "--out", "h"], "--resume takes the run's own config.yaml; drop --out"),
+    (["search", "align", "--resume", "I"], "is not a heads run directory (no config.yaml)"),
     (["search", "build", "--embeddings", "EMB", "--heads", "/nonexistent/heads", "--out", "i"],
      "--heads: directory '/nonexistent/heads' does not exist"),
     (["search", "serve", "--index", "I", "--port", "99999"], "--port must be an integer in [0, 65535]"),

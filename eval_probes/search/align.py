@@ -6,19 +6,25 @@ space, trained with CLIP's symmetric InfoNCE (:func:`losses.clip_loss`; Radford 
 2021) on the captioned subset only. Afterwards every image of the collection, captioned or not,
 goes through the image head, and a text query through the text head.
 
-HEAD_DIR holds ``heads.safetensors`` and ``heads.json``::
+This module holds the heads (:class:`AlignmentHeads`), their settings (:class:`AlignConfig`) and
+the pairs they learn from (:class:`CaptionedEmbeddings`); the ``align`` objective of
+:mod:`pretrain` trains them with the project's training loop (``pretrain search align``).
+
+HEAD_DIR holds ``weights.safetensors`` (the heads) and ``heads.json``::
 
     {"format": 1, "text_encoder": "minilm", "image_dim": D, "text_dim": 384, "out_dim": E,
      "hidden_dim": H, "logit_scale": s, "config": {...}, "trained_on": {...}, "metrics": {...}}
+
+A HEAD_DIR written by ``pretrain search align`` is also the training run's directory
+(``config.yaml``, ``metrics.jsonl``, ``checkpoints/``); heads.json is written last.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import time
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,9 +32,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
-from losses import clip_loss
 
 from data.common import atomic_dir
 from data.common.config import fill, parse_overrides
@@ -36,7 +39,11 @@ from data.common.config import fill, parse_overrides
 from . import SearchError
 from .text import TextEncoder, get_text_encoder
 
-__all__ = ["AlignConfig", "AlignmentHeads", "train_alignment", "align_embeddings", "pair_captions"]
+__all__ = ["AlignConfig", "AlignmentHeads", "CaptionedEmbeddings", "caption_accuracy", "pair_captions",
+           "config_from_overrides"]
+
+WEIGHTS = "weights.safetensors"
+OLD_WEIGHTS = "heads.safetensors"  # HEAD_DIRs written before the heads trained through the training loop
 
 FORMAT = 1
 
@@ -59,6 +66,9 @@ class AlignConfig:
         dropout: dropout on the hidden layer of both heads.
         val_fraction: pairs held out to report validation loss and caption-retrieval accuracy.
         seed: initialisation, shuffling and the validation split.
+        stop_at: stop after this many optimizer steps with a checkpoint (continue with
+            ``pretrain search align --resume HEAD_DIR``); 0 = train all epochs.
+        engine: the training engine (``plain``, or ``deepspeed`` under the launcher).
     """
 
     text_encoder: str = "minilm"
@@ -73,6 +83,8 @@ class AlignConfig:
     dropout: float = 0.1
     val_fraction: float = 0.1
     seed: int = 0
+    stop_at: int = 0
+    engine: str = "plain"
 
     def validate(self) -> None:
         checks = [("out_dim", self.out_dim >= 1, "an integer >= 1"),
@@ -82,7 +94,8 @@ class AlignConfig:
                   ("lr", self.lr > 0, "a positive number"),
                   ("temperature", self.temperature > 0, "a positive number"),
                   ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
-                  ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)")]
+                  ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
+                  ("stop_at", self.stop_at >= 0, "an integer >= 0 (0 = train all epochs)")]
         for name, ok, want in checks:
             if not ok:
                 raise SearchError(f"align: {name}={getattr(self, name)!r} is invalid; expected {want}")
@@ -114,7 +127,8 @@ class AlignmentHeads(nn.Module):
         self.register_buffer("image_std", torch.ones(image_dim))
         self.image_head = _mlp(image_dim, hidden_dim, out_dim, dropout)
         self.text_head = _mlp(text_dim, hidden_dim, out_dim, dropout)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # shape [1], not a 0-dim tensor: DeepSpeed's parameter broadcast cannot take 0-dim parameters
+        self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature)))
         self.info: dict = {}
         self._text_encoder: TextEncoder | None = None
 
@@ -183,20 +197,24 @@ class AlignmentHeads(nn.Module):
 
         out = Path(out_dir).resolve()
         with atomic_dir(out) as tmp:
-            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / "heads.safetensors"))
+            save_file(self.tensors(), str(tmp / WEIGHTS))
             (tmp / "heads.json").write_text(json.dumps(self.config_json(), indent=1, default=str))
         return out
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The heads' state as contiguous tensors (what ``weights.safetensors`` holds)."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+
     @classmethod
     def load(cls, head_dir: str | os.PathLike) -> "AlignmentHeads":
-        """Load HEAD_DIR written by :meth:`save` (``pretrain search align``)."""
+        """Load HEAD_DIR written by ``pretrain search align`` (or :meth:`save`)."""
         from safetensors.torch import load_file
 
         head_dir = Path(head_dir)
-        cfg_path, weights = head_dir / "heads.json", head_dir / "heads.safetensors"
-        if not cfg_path.is_file() or not weights.is_file():
-            raise SearchError(f"'{head_dir}' is not a heads directory (expected heads.json and heads.safetensors; "
+        cfg_path = head_dir / "heads.json"
+        weights = next((head_dir / n for n in (WEIGHTS, OLD_WEIGHTS) if (head_dir / n).is_file()), None)
+        if not cfg_path.is_file() or weights is None:
+            raise SearchError(f"'{head_dir}' is not a heads directory (expected heads.json and {WEIGHTS}; "
                               f"write one with 'pretrain search align')")
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -206,105 +224,98 @@ class AlignmentHeads(nn.Module):
             raise SearchError(f"'{cfg_path}' has format {cfg.get('format')!r}; expected {FORMAT}")
         heads = cls(int(cfg["image_dim"]), int(cfg["text_dim"]), int(cfg["out_dim"]), int(cfg["hidden_dim"]),
                     text_encoder=cfg["text_encoder"])
-        heads.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        if "log_logit_scale" in state and state["log_logit_scale"].ndim == 0:  # HEAD_DIRs of earlier versions
+            state["log_logit_scale"] = state["log_logit_scale"].reshape(1)
+        try:
+            heads.load_state_dict(state)
+        except RuntimeError as exc:
+            raise SearchError(f"'{weights}' does not hold the heads heads.json describes: "
+                              f"{str(exc).splitlines()[0]}") from None
         heads.info = {k: v for k, v in cfg.items() if k not in heads.config_json()}
         heads.eval()
         return heads
 
 
-def _caption_accuracy(img: torch.Tensor, txt: torch.Tensor, captions: Sequence[str]) -> float:
+def caption_accuracy(img: torch.Tensor, txt: torch.Tensor, caption_ids) -> float:
     """Fraction of images whose best-scoring caption (among the given ones) has the true text.
 
-    Identical captions ("the digit seven") count as correct, so the number is fair to captions
-    that repeat.
+    ``caption_ids`` names each row's caption text (equal ids: equal texts), so identical captions
+    ("the digit seven") count as correct and the number is fair to captions that repeat.
     """
-    best = (img @ txt.T).argmax(dim=1).numpy()
-    return float(np.mean([captions[b] == captions[i] for i, b in enumerate(best)]))
+    best = (img @ txt.T).argmax(dim=1)
+    ids = torch.as_tensor(np.asarray(caption_ids))
+    return float((ids[best] == ids).float().mean())
 
 
-def train_alignment(image_vecs: np.ndarray, captions: Sequence[str], config: AlignConfig | None = None,
-                    text_encoder: TextEncoder | None = None, progress: bool = True) -> AlignmentHeads:
-    """Train alignment heads on (image embedding, caption) pairs with InfoNCE.
+class CaptionedEmbeddings(torch.utils.data.Dataset):
+    """The (image embedding, caption embedding) pairs alignment heads train on, split into
+    ``train`` and ``val``.
 
-    Args:
-        image_vecs: [N, D] frozen image embeddings (raw encoder outputs) of the captioned images.
-        captions: N caption strings, row i describing image i.
-        config: training settings (defaults: :class:`AlignConfig`).
-        text_encoder: overrides ``config.text_encoder`` (an already loaded encoder).
-        progress: tqdm bar over epochs.
+    The captions of ``captions_path`` are matched to the embeddings of ``emb_dir`` by id
+    (:func:`pair_captions`); each distinct caption is embedded once with the text encoder. A
+    random ``val_fraction`` of the pairs (drawn by ``seed``; none below 20 pairs) is held out.
 
-    Returns:
-        The trained heads (eval mode), with ``info["metrics"]`` holding the final train loss,
-        validation loss and validation caption-retrieval accuracy, and the wall time.
+    Items are ``{"image_vec": [D] float32, "text_vec": [T] float32, "caption_id": int, "index": int}``
+    (``caption_id`` numbers the distinct caption texts). ``info.extra`` holds ``image_dim``,
+    ``text_dim`` and ``text_encoder``; :attr:`image_vecs` are the split's raw image embeddings.
     """
-    cfg = config or AlignConfig()
-    cfg.validate()
-    image_vecs = np.ascontiguousarray(image_vecs, dtype=np.float32)
-    n = len(image_vecs)
-    if image_vecs.ndim != 2 or n != len(captions):
-        raise SearchError(f"align: {n} image embeddings but {len(captions)} captions; expected one caption per image")
-    if n < 4:
-        raise SearchError(f"align: only {n} captioned images; need at least 4")
-    t0 = time.time()
-    enc = text_encoder or get_text_encoder(cfg.text_encoder)
-    uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
-    text_vecs = enc.encode(list(uniq))[inverse]  # each distinct caption is embedded once
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(n, generator=gen).numpy()
-    n_val = int(round(cfg.val_fraction * n)) if n >= 20 else 0
-    val, tr = perm[:n_val], perm[n_val:]
-    x_tr, t_tr = torch.from_numpy(image_vecs[tr]), torch.from_numpy(text_vecs[tr])
+    SPLITS = ("train", "val")
 
-    torch.manual_seed(cfg.seed)
-    heads = AlignmentHeads(image_vecs.shape[1], text_vecs.shape[1], cfg.out_dim, cfg.hidden_dim,
-                           text_encoder=getattr(enc, "name", cfg.text_encoder), temperature=cfg.temperature,
-                           dropout=cfg.dropout)
-    heads.image_mean.copy_(x_tr.mean(0))
-    heads.image_std.copy_(x_tr.std(0).clamp_min(1e-6) if len(tr) > 1 else torch.ones(image_vecs.shape[1]))
-    heads.log_logit_scale.requires_grad_(cfg.learn_temperature)
-    params = [p for p in heads.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    bs = min(cfg.batch_size, len(tr))
-    steps_per_epoch = max(1, len(tr) // bs)
-    total = cfg.epochs * steps_per_epoch
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    def __init__(self, emb_dir, captions_path, split: str = "train", val_fraction: float = 0.1, seed: int = 0,
+                 text_encoder: str = "minilm"):
+        from data import DatasetInfo
 
-    heads.train()
-    history = []
-    bar = tqdm(range(cfg.epochs), desc="align", unit="epoch", disable=not progress)
-    for _ in bar:
-        order = torch.randperm(len(tr), generator=gen)
-        losses = []
-        for s in range(steps_per_epoch):  # full batches only: every batch has bs - 1 negatives
-            b = order[s * bs:(s + 1) * bs]
-            loss = clip_loss(heads.encode_image(x_tr[b]), heads.encode_text(t_tr[b]), heads.logit_scale())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)))
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
-    bar.close()
-    heads.eval()
+        if split not in self.SPLITS:
+            raise SearchError(f"captioned embeddings have the splits {', '.join(self.SPLITS)}; got '{split}'")
+        if not 0 <= val_fraction < 1:
+            raise SearchError(f"align: val_fraction={val_fraction!r} is invalid; expected in [0, 1)")
+        vecs, text_vecs, caption_ids, enc_name = _embedded_pairs(str(Path(emb_dir).resolve()),
+                                                                 str(Path(captions_path).resolve()), text_encoder)
+        n = len(vecs)
+        if n < 4:
+            raise SearchError(f"align: only {n} captioned images in '{captions_path}'; need at least 4")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        n_val = int(round(val_fraction * n)) if n >= 20 else 0
+        rows = perm[:n_val] if split == "val" else perm[n_val:]
+        self.image_vecs = torch.from_numpy(vecs[rows])
+        self.text_vecs = torch.from_numpy(text_vecs[rows])
+        self.caption_ids = torch.from_numpy(caption_ids[rows])
+        self.num_pairs = n
+        self.info = DatasetInfo(f"captioned:{emb_dir}", 0, 0, 0, (), (), flip=False, color=False,
+                                extra={"image_dim": int(vecs.shape[1]), "text_dim": int(text_vecs.shape[1]),
+                                       "text_encoder": enc_name, "pairs": n, "train_pairs": n - n_val,
+                                       "val_pairs": n_val})
 
-    metrics = {"train_loss": history[-1], "train_loss_first_epoch": history[0], "pairs": n,
-               "train_pairs": int(len(tr)), "val_pairs": int(n_val)}
-    with torch.no_grad():
-        if n_val >= 2:
-            xv = heads.encode_image(torch.from_numpy(image_vecs[val]))
-            tv = heads.encode_text(torch.from_numpy(text_vecs[val]))
-            metrics["val_loss"] = float(clip_loss(xv, tv, heads.logit_scale()))
-            metrics["val_caption_acc"] = _caption_accuracy(xv, tv, [str(captions[i]) for i in val])
-    metrics["wall_s"] = round(time.time() - t0, 2)
-    heads.info = {"config": asdict(cfg), "metrics": metrics}
-    return heads
+    def __len__(self) -> int:
+        return len(self.image_vecs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image_vec": self.image_vecs[i], "text_vec": self.text_vecs[i],
+                "caption_id": int(self.caption_ids[i]), "index": int(i)}
+
+
+_PAIRS_CACHE: dict = {}
+
+
+def _embedded_pairs(emb_dir: str, captions_path: str, text_encoder: str):
+    """(image embeddings [n, D], caption embeddings [n, T], caption ids [n], encoder name), read and
+    embedded once per process for the same files (the train and val splits share them)."""
+    from .captions import read_captions
+    from .embed import EmbeddingStore
+
+    key = (emb_dir, captions_path, text_encoder, Path(captions_path).stat().st_mtime_ns)
+    if key not in _PAIRS_CACHE:
+        store = EmbeddingStore(emb_dir)
+        vecs, texts, _ = pair_captions(store, read_captions(captions_path))
+        enc = get_text_encoder(text_encoder)
+        uniq, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+        text_vecs = np.ascontiguousarray(enc.encode(list(uniq))[inverse], dtype=np.float32)
+        _PAIRS_CACHE.clear()
+        _PAIRS_CACHE[key] = (np.ascontiguousarray(vecs, dtype=np.float32), text_vecs,
+                             inverse.astype(np.int64), getattr(enc, "name", text_encoder))
+    return _PAIRS_CACHE[key]
 
 
 def pair_captions(store, records: list[dict]) -> tuple[np.ndarray, list[str], list[int]]:
@@ -330,22 +341,6 @@ def pair_captions(store, records: list[dict]) -> tuple[np.ndarray, list[str], li
         raise SearchError(f"captions name id {int(ids[missing][0])} (and {int(missing.sum()) - 1} more) that the "
                           f"embeddings in '{store.path}' do not have")
     return store.lookup(ids, dtype=np.float32), [r["caption"] for r in records], ids.tolist()
-
-
-def align_embeddings(emb_dir: str | os.PathLike, captions_path: str | os.PathLike, out_dir: str | os.PathLike,
-                     config: AlignConfig | None = None, progress: bool = True) -> AlignmentHeads:
-    """``pretrain search align``: read EMB_DIR and a captions file, train, write HEAD_DIR."""
-    from .captions import read_captions
-    from .embed import EmbeddingStore
-
-    store = EmbeddingStore(emb_dir)
-    records = read_captions(captions_path)
-    vecs, texts, _ = pair_captions(store, records)
-    heads = train_alignment(vecs, texts, config, progress=progress)
-    heads.info["trained_on"] = {"embeddings": str(Path(emb_dir).resolve()),
-                                "captions": str(Path(captions_path).resolve()), "pairs": len(texts)}
-    heads.save(out_dir)
-    return heads
 
 
 def config_from_overrides(overrides, base: AlignConfig | None = None) -> AlignConfig:

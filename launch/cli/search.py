@@ -146,21 +146,39 @@ def _cmd_caption(args) -> int:
 
 
 def _cmd_align(args) -> int:
-    from eval_probes.search.align import AlignConfig, align_embeddings, config_from_overrides
+    from eval_probes.search.align import AlignConfig, config_from_overrides
+    from pretrain.align import align_embeddings, resume_alignment
 
-    existing_dir("--embeddings", args.embeddings)
-    existing_file("--captions", args.captions)
-    flags = AlignConfig(text_encoder=args.text_encoder, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
-                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    cfg = config_from_overrides(args.overrides, base=flags)  # key=value for every other setting
     t0 = time.time()
-    heads = align_embeddings(args.embeddings, args.captions, args.out, cfg, progress=not args.quiet)
-    m = heads.info["metrics"]
+    if args.resume:
+        given = [f for f in ("embeddings", "captions", "out") if getattr(args, f)]
+        if given:
+            raise CliError(f"--resume takes the run's own config.yaml; drop --{given[0]} (key=value overrides "
+                           f"of the run config may follow)")
+        existing_dir("--resume", args.resume)
+        out, result = args.resume, resume_alignment(args.resume, args.overrides, progress=not args.quiet)
+    else:
+        missing = [f"--{f}" for f in ("embeddings", "captions", "out") if not getattr(args, f)]
+        if missing:
+            raise CliError(f"the following arguments are required: {', '.join(missing)} (or --resume HEAD_DIR)")
+        existing_dir("--embeddings", args.embeddings)
+        existing_file("--captions", args.captions)
+        flags = AlignConfig(text_encoder=args.text_encoder, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
+                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        cfg = config_from_overrides(args.overrides, base=flags)  # key=value for every other setting
+        out, result = args.out, align_embeddings(args.embeddings, args.captions, args.out, cfg,
+                                                 progress=not args.quiet)
+    if isinstance(result, dict):
+        if "stopped_at" in result:
+            print(f"align: stopped after step {result['stopped_at']} of {result['max_steps']} with a checkpoint; "
+                  f"continue with --resume {out}")
+        return 0
+    heads, m = result, result.info["metrics"]
     val = (f", validation loss {m['val_loss']:.3f}, caption accuracy {100 * m['val_caption_acc']:.1f}%"
            if "val_loss" in m else "")
     print(f"trained alignment heads ({heads.image_dim} -> {heads.out_dim} <- {heads.text_dim}, "
           f"text encoder '{heads.text_encoder_name}') on {m['pairs']} pairs: loss {m['train_loss_first_epoch']:.3f} "
-          f"-> {m['train_loss']:.3f}{val}; wrote {args.out}  ({time.time() - t0:.1f} s)")
+          f"-> {m['train_loss']:.3f}{val}; wrote {out}  ({time.time() - t0:.1f} s)")
     return 0
 
 
@@ -289,9 +307,10 @@ def _add_text_parsers(ss) -> None:
 
     a = _command(ss, "align", _cmd_align, "train heads that align image embeddings with caption embeddings (InfoNCE)",
                  "--embeddings emb/ --captions captions.jsonl --out heads/")
-    _add_dirs(a, "--embeddings")
-    a.add_argument("--captions", required=True, metavar="CAPTIONS.jsonl")
-    a.add_argument("--out", required=True, metavar="HEAD_DIR")
+    a.add_argument("--embeddings", metavar="EMB_DIR")
+    a.add_argument("--captions", metavar="CAPTIONS.jsonl")
+    a.add_argument("--out", metavar="HEAD_DIR", help="the heads, and the directory of their training run")
+    a.add_argument("--resume", metavar="HEAD_DIR", help="continue a run stopped with stop_at=N")
     a.add_argument("--text-encoder", default="minilm", choices=list_text_encoders())
     a.add_argument("--epochs", type=positive(int, "--epochs"), default=20)
     a.add_argument("--out-dim", type=positive(int, "--out-dim"), default=128)
@@ -301,7 +320,8 @@ def _add_text_parsers(ss) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any other AlignConfig setting, e.g. temperature=0.05 dropout=0.1 val_fraction=0.2")
+                   help="any other AlignConfig setting, e.g. temperature=0.05 dropout=0.1 stop_at=40 "
+                        "(with --resume: run config keys)")
 
     q = _command(ss, "queries", _cmd_queries, "named class and rare-attribute queries with measured ground truth "
                                               "(digit sets), for 'search eval --phenomena'")

@@ -101,6 +101,11 @@ class Objective(nn.Module):
         """
         return state, {}
 
+    def on_data(self, train_ds) -> None:
+        """Called once with the dataset the objective trains on, after it is built and before the
+        engine wraps it (and before a resume restores its state): statistics of the data, such as
+        the standardisation of frozen features. Default: nothing."""
+
     def on_train_start(self, steps_per_epoch: float) -> None:
         """Called once before training (and before a resume restores state), with the number of
         optimizer steps one pass over the training set takes. Default: nothing."""
