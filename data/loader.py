@@ -29,31 +29,48 @@ from .datasets import DataError
 class StepBatchSampler(Sampler):
     """Yields ``[(step, index), ...]`` batches forever, from ``start_step`` on.
 
-    Epoch e uses ``randperm(n)`` seeded with ``seed + e``; each global batch of
-    ``batch_size * world_size`` indices is cut into per-rank slices (rank r takes the r-th).
-    Incomplete last batches of an epoch are dropped.
+    Epoch e uses ``randperm(n)`` seeded with ``seed + e``, or, with ``epoch_generator``, the e-th
+    successive ``randperm(n)`` drawn from a copy of that generator (a dataset that was split with a
+    generator can go on shuffling with it). Each global batch of ``batch_size * world_size``
+    indices is cut into per-rank slices (rank r takes the r-th). Incomplete last batches of an
+    epoch are dropped.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 epoch_generator: torch.Generator | None = None):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = n // self.global_batch
+        self.epoch_state = epoch_generator.get_state() if epoch_generator is not None else None
         if self.steps_per_epoch == 0:
             raise DataError(f"batch_size {batch_size} x {world_size} data-parallel rank(s) is larger than the dataset "
                             f"({n} samples)")
 
+    def _perms(self, first_epoch: int) -> Iterator[torch.Tensor]:
+        """The orders of epochs ``first_epoch, first_epoch + 1, ...``."""
+        if self.epoch_state is None:
+            epoch = first_epoch
+            while True:
+                yield torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                epoch += 1
+        g = torch.Generator()
+        g.set_state(self.epoch_state)
+        for _ in range(first_epoch):  # replay the epochs before a resume
+            torch.randperm(self.n, generator=g)
+        while True:
+            yield torch.randperm(self.n, generator=g)
+
     def __iter__(self) -> Iterator[list]:
         step = self.start_step
-        while True:
-            epoch, k = divmod(step, self.steps_per_epoch)
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.n, generator=g)
+        epoch, k = divmod(step, self.steps_per_epoch)
+        for perm in self._perms(epoch):
             while k < self.steps_per_epoch:
                 lo = k * self.global_batch + self.rank * self.batch_size
                 yield [(step, int(i)) for i in perm[lo:lo + self.batch_size]]
                 step += 1
                 k += 1
+            k = 0
 
     def __len__(self) -> int:  # infinite; a large number keeps DataLoader happy
         return 2**62
@@ -168,10 +185,11 @@ def batch_len(batch: dict) -> int:
 
 
 def step_loader(ds: Dataset, batch_size: int, collate, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                start_step: int = 0, num_workers: int = 0) -> DataLoader:
+                start_step: int = 0, num_workers: int = 0, epoch_generator: torch.Generator | None = None) -> DataLoader:
     """An endless, resumable loader of this rank's slice of each global batch, collated by ``collate``
-    (any of this module's collates, or an objective's own)."""
-    sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step)
+    (any of this module's collates, or an objective's own); ``epoch_generator``: see
+    :class:`StepBatchSampler`."""
+    sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step, epoch_generator)
     return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, persistent_workers=num_workers > 0, generator=own_generator(seed))
 

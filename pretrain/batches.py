@@ -177,6 +177,14 @@ class EmbeddedPairsSchema(BatchSchema):
             raise ConfigError(f"config key '{cfg.objective}.captions': expected a captions file (CAPTIONS.jsonl)")
         return CaptionedEmbeddings(cfg.data, ocfg.captions, split, ocfg.val_fraction, cfg.seed, ocfg.text_encoder)
 
+    def loader(self, cfg, objective, info, ds, rank, world, start_step=0, labelled=None):
+        """Full batches; the epochs' orders continue the generator that split the pairs (``seed``)."""
+        if labelled is not None:
+            return super().loader(cfg, objective, info, ds, rank, world, start_step, labelled)
+        return data_lib.step_loader(ds, cfg.batch_size, self.collate(cfg, objective, info, rank, world), seed=cfg.seed,
+                                    rank=rank, world_size=world, start_step=start_step, num_workers=cfg.num_workers,
+                                    epoch_generator=ds.shuffle_generator())
+
     def eval_loader(self, cfg, info, ds):
         from torch.utils.data import DataLoader
 

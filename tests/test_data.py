@@ -100,6 +100,26 @@ def test_sampler_rank_sharding():
         assert [i for _, i in ia] + [i for _, i in ib] == [i for _, i in ic]
 
 
+def test_sampler_epochs_from_a_generator_resume_and_shard():
+    """With an epoch generator, epoch e is its e-th successive permutation (full batches only), a
+    sampler started at step k yields what the uninterrupted one yields from step k, and ranks
+    split each global batch."""
+    gen = torch.Generator().manual_seed(5)
+    torch.randperm(50, generator=gen)  # e.g. the draw that split the data
+    ref = gen.get_state()
+    g = torch.Generator()
+    g.set_state(ref)
+    perms = [torch.randperm(22, generator=g) for _ in range(3)]
+    s = iter(D.StepBatchSampler(22, 8, epoch_generator=gen))
+    got = [[i for _, i in next(s)] for _ in range(6)]  # 2 full batches per epoch, 6 items dropped
+    assert got == [perms[e][k * 8:(k + 1) * 8].tolist() for e in range(3) for k in range(2)]
+    resumed = iter(D.StepBatchSampler(22, 8, start_step=3, epoch_generator=gen))
+    assert [next(resumed) for _ in range(3)] == [[(st, i) for i in b] for st, b in zip(range(3, 6), got[3:])]
+    parts = [iter(D.StepBatchSampler(22, 4, rank=r, world_size=2, epoch_generator=gen)) for r in (0, 1)]
+    for b in got:
+        assert [i for _, i in next(parts[0])] + [i for _, i in next(parts[1])] == b
+
+
 def test_ranks_see_the_views_of_one_process():
     """2 ranks with micro-batch 8 get exactly the views one process gets with batch 16."""
     ds = D.build_dataset("digits", "train")

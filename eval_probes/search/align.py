@@ -245,7 +245,7 @@ def caption_accuracy(img: torch.Tensor, txt: torch.Tensor, caption_ids) -> float
     """
     best = (img @ txt.T).argmax(dim=1)
     ids = torch.as_tensor(np.asarray(caption_ids))
-    return float((ids[best] == ids).float().mean())
+    return float((ids[best] == ids).double().mean())
 
 
 class CaptionedEmbeddings(torch.utils.data.Dataset):
@@ -276,7 +276,9 @@ class CaptionedEmbeddings(torch.utils.data.Dataset):
         n = len(vecs)
         if n < 4:
             raise SearchError(f"align: only {n} captioned images in '{captions_path}'; need at least 4")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=gen).numpy()
+        self._shuffle_state = gen.get_state()  # training order continues the generator that split
         n_val = int(round(val_fraction * n)) if n >= 20 else 0
         rows = perm[:n_val] if split == "val" else perm[n_val:]
         self.image_vecs = torch.from_numpy(vecs[rows])
@@ -287,6 +289,13 @@ class CaptionedEmbeddings(torch.utils.data.Dataset):
                                 extra={"image_dim": int(vecs.shape[1]), "text_dim": int(text_vecs.shape[1]),
                                        "text_encoder": enc_name, "pairs": n, "train_pairs": n - n_val,
                                        "val_pairs": n_val})
+
+    def shuffle_generator(self) -> torch.Generator:
+        """The generator that drew the split, in the state right after it: its successive
+        permutations order the training epochs (see :class:`data.StepBatchSampler`)."""
+        g = torch.Generator()
+        g.set_state(self._shuffle_state)
+        return g
 
     def __len__(self) -> int:
         return len(self.image_vecs)
