@@ -15,6 +15,7 @@ from .checkpoint import RunDirError, load_weights
 from .config import RunConfig, build_config
 from .engines import autocast_context
 from .loop import RunError, build_model, uses_channels_last
+from .objectives import objective_class
 
 PROBES = ("linear", "knn")
 
@@ -88,6 +89,9 @@ def probe_run(run_dir: str | Path, probes=PROBES, baselines: bool | None = None,
     """Probe a run and its baselines; writes ``probes.json`` and ``probes.md`` into the run directory."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if "image" not in objective_class(cfg.objective).towers:
+        raise RunError(f"'{run_dir}' is a run of objective '{cfg.objective}', which trains no image tower; "
+                       f"probes measure the image features of a pretraining run")
     datasets = run_datasets(cfg)
     info = datasets[1].info
     cfg, model = load_run(run_dir, cfg, info)

@@ -272,6 +272,9 @@ def test_align_is_a_run_that_resumes_exactly(aligned, tmp_path, capsys):
     assert back.info["metrics"]["resumed_from_step"] == 5
     assert back.info["config"]["epochs"] == 3 and back.info["config"]["batch_size"] == 128
     assert back.info["metrics"]["val_caption_acc"] == whole.info["metrics"]["val_caption_acc"]
+    rc, out, err = _run(["probe", "--run", str(tmp_path / "whole")], capsys)  # no image tower to probe
+    assert rc == 2 and "is a run of objective 'align', which trains no image tower" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_align_runs_under_deepspeed_on_two_ranks(aligned, tmp_path):
