@@ -124,9 +124,12 @@ class ViewsSchema(BatchSchema):
         """With a labelled subset, each batch of ``ds`` carries a ``views`` batch of the subset under
         ``"labelled"`` (at most ``batch_size`` images, fewer where the subset is smaller). The
         labelled stream draws with ``seed`` (the stream a supervised run on the subset sees), the main
-        stream with ``seed + 1``; both resume at ``start_step``."""
+        stream with ``seed + objective.stream_seed_offset``; both resume at ``start_step``."""
+        seed = cfg.seed + objective.stream_seed_offset
         if labelled is None:
-            return super().loader(cfg, objective, info, ds, rank, world, start_step)
+            collate = self.collate(cfg, objective, info, rank, world, seed=seed)
+            return data_lib.step_loader(ds, cfg.batch_size, collate, seed=seed, rank=rank, world_size=world,
+                                        start_step=start_step, num_workers=cfg.num_workers)
 
         def stream(images, batch_size, seed):
             collate = self.collate(cfg, objective, info, rank, world, seed=seed, batch_size=batch_size)
@@ -134,8 +137,7 @@ class ViewsSchema(BatchSchema):
                                         start_step=start_step, num_workers=cfg.num_workers)
 
         lab_batch = max(1, min(cfg.batch_size, len(labelled) // world))
-        return data_lib.ZippedLoader(stream(ds, cfg.batch_size, cfg.seed + 1),
-                                     labelled=stream(labelled, lab_batch, cfg.seed))
+        return data_lib.ZippedLoader(stream(ds, cfg.batch_size, seed), labelled=stream(labelled, lab_batch, cfg.seed))
 
 
 @SCHEMAS.register("pairs")

@@ -48,9 +48,10 @@ def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):
     fixes in the objective's own config is filled into ``cfg``: :meth:`Objective.resolve_config`)."""
     cls = objective_class(cfg.objective)
     cfg.objectives[cfg.objective] = cls.resolve_config(cfg.objective_config, info)
+    fixed = cls.fixed_modules(cfg.objective_config)  # before the towers draw their initial weights
     sizes = schema_of(cls).tower_sizes(cfg, info)
     towers = build_towers(cfg.model, cls.towers, sizes)
-    objective = create_objective(cfg.objective, towers, cfg.objective_config)
+    objective = create_objective(cfg.objective, towers, cfg.objective_config, fixed=fixed)
     if uses_channels_last(cfg, info.channels):
         objective = objective.to(memory_format=torch.channels_last)
     return objective

@@ -49,6 +49,8 @@ class Objective(nn.Module):
     pretraining: bool = True
     labelled_only: bool = False
     labelled_stream: bool = False
+    # the main stream of batches draws with seed + stream_seed_offset (a labelled stream with seed)
+    stream_seed_offset: int = 0
     eval_split: str | None = None
 
     def __init__(self, towers):
@@ -70,6 +72,14 @@ class Objective(nn.Module):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """Return ``{"loss": scalar with grad, "<part>_loss": detached, ...}``."""
         raise NotImplementedError
+
+    @classmethod
+    def fixed_modules(cls, cfg: Any) -> dict[str, nn.Module]:
+        """Modules the objective loads from disk and never trains (a distillation teacher), as
+        keyword arguments of ``__init__``. The loop loads them before it initialises the towers,
+        so a bad teacher fails before any work, and the towers' initial weights do not depend on
+        what the objective does with them. Default: none."""
+        return {}
 
     @classmethod
     def resolve_config(cls, cfg: Any, info) -> Any:
@@ -194,7 +204,7 @@ def objective_config_class(name: str) -> type:
     return _lookup(name)[1]
 
 
-def create_objective(name: str, towers, config: Any = None, **overrides) -> Objective:
+def create_objective(name: str, towers, config: Any = None, fixed: dict | None = None, **overrides) -> Objective:
     """Build a registered objective around its towers.
 
     Args:
@@ -202,6 +212,7 @@ def create_objective(name: str, towers, config: Any = None, **overrides) -> Obje
         towers: ``{tower name: backbone}`` for the towers the objective declares, or, for
             image-only objectives, the image backbone itself (``forward_pooled``, ``embed_dim``).
         config: the objective's Config instance; defaults are used when None.
+        fixed: the objective's fixed modules (see :meth:`Objective.fixed_modules`); None loads them.
         **overrides: Config fields to replace.
     """
     cls, cfg_cls = _lookup(name)
@@ -212,4 +223,6 @@ def create_objective(name: str, towers, config: Any = None, **overrides) -> Obje
         if bad:
             raise TypeError(f"objective '{name}' has no option {bad[0]!r}; valid: {', '.join(valid)}")
         cfg = dataclasses.replace(cfg, **overrides)
-    return cls(towers, cfg)
+    if fixed is None:
+        fixed = cls.fixed_modules(cfg)
+    return cls(towers, cfg, **fixed)

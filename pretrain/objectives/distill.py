@@ -46,6 +46,15 @@ class Distill(ClassifierObjective):
     """
 
     kind = "distill"
+    # the unlabelled stream draws with seed + 1, the labelled one (alpha > 0) with seed
+    stream_seed_offset = 1
+
+    @classmethod
+    def fixed_modules(cls, cfg: DistillConfig) -> dict:
+        """The teacher, loaded from ``distill.teacher`` before the student is initialised."""
+        if not cfg.teacher:
+            raise ConfigError("distill: no teacher given (distill.teacher=RUN_DIR, a fine-tuned run)")
+        return {"teacher": load_classifier(cfg.teacher)[0]}
 
     def __init__(self, towers, cfg: DistillConfig, teacher: nn.Module | None = None):
         super().__init__(towers)
@@ -55,12 +64,8 @@ class Distill(ClassifierObjective):
         if not 0.0 <= cfg.alpha <= 1.0:
             raise ConfigError(f"config key 'distill.alpha': expected a value in [0, 1], got {cfg.alpha}")
         if teacher is None:
-            if not cfg.teacher:
-                raise ConfigError("distill: no teacher given (distill.teacher=RUN_DIR, a fine-tuned run)")
-            teacher, meta = load_classifier(cfg.teacher)
-            teacher_classes = int(meta["arch"]["num_classes"])
-        else:
-            teacher_classes = int(teacher.head.out_features)
+            teacher = self.fixed_modules(cfg)["teacher"]
+        teacher_classes = int(teacher.head.out_features)
         num_classes = cfg.num_classes or teacher_classes
         if num_classes != teacher_classes:
             raise ConfigError(f"distill: the data has {num_classes} classes, the teacher {teacher_classes}")
