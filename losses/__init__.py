@@ -11,12 +11,14 @@ from .distill import distillation_loss
 from .dist import (all_reduce_max_, all_reduce_mean, all_reduce_sum_, data_parallel_group, gather_with_grad, rank,
                    set_data_parallel_group, world_size)
 from .nt_xent import nt_xent_loss
+from .siglip import siglip_loss
 from .swav import sinkhorn, swav_loss
 
 __all__ = [
     "byol_loss",
     "nt_xent_loss",
     "clip_loss",
+    "siglip_loss",
     "distillation_loss",
     "sinkhorn",
     "swav_loss",

@@ -16,6 +16,7 @@ from losses import (
     gather_with_grad,
     nt_xent_loss,
     rank,
+    siglip_loss,
     world_size,
 )
 from losses.dist import all_reduce_sum_
@@ -76,6 +77,20 @@ def ref_clip(img: torch.Tensor, txt: torch.Tensor, scale: float) -> float:
         col = [scale * float(tx[i] @ im[j]) for j in range(n)]
         t2i += -math.log(math.exp(col[i]) / sum(math.exp(c) for c in col))
     return 0.5 * (i2t / n + t2i / n)
+
+
+def ref_siglip(img: torch.Tensor, txt: torch.Tensor, scale: float, bias: float) -> float:
+    """-1/B sum_ij log sigmoid(y_ij (s cos_ij + b)), y = +1 on the diagonal, -1 elsewhere."""
+    n = img.shape[0]
+    im = [_unit(v) for v in img]
+    tx = [_unit(v) for v in txt]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            y = 1.0 if i == j else -1.0
+            z = y * (scale * float(im[i] @ tx[j]) + bias)
+            total += -math.log(1.0 / (1.0 + math.exp(-z)))
+    return total / n
 
 
 # ---------------------------------------------------------------------------
@@ -152,6 +167,29 @@ def test_clip_grad_flows_to_logit_scale():
     assert torch.autograd.gradcheck(clip_loss, (img, txt, scale))
 
 
+@pytest.mark.parametrize("scale, bias", [(10.0, -10.0), (1.0, 0.0), (3.7, 2.5)])
+def test_siglip_matches_reference(scale, bias):
+    img, txt = _randn(6, 5, seed=14), _randn(6, 5, seed=15)
+    loss = siglip_loss(img, txt, scale, bias)
+    assert loss.dim() == 0
+    assert abs(loss.item() - ref_siglip(img, txt, scale, bias)) < TOL
+    # scale and bias as single-element tensors give the same value
+    t = siglip_loss(img, txt, torch.tensor([scale], dtype=F64), torch.tensor(bias, dtype=F64))
+    assert abs(t.item() - loss.item()) < TOL
+
+
+def test_siglip_gradients():
+    img = _randn(4, 3, seed=16).requires_grad_()
+    txt = _randn(4, 3, seed=17).requires_grad_()
+    scale = torch.tensor(10.0, dtype=F64, requires_grad=True)
+    bias = torch.tensor(-10.0, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(siglip_loss, (img, txt, scale, bias))
+    # at the paper's start (s = 10, b = -10) the negatives already have near-zero loss and the
+    # positive pairs dominate: raising b lowers the loss
+    siglip_loss(img, txt, scale, bias).backward()
+    assert bias.grad < 0 and scale.grad is not None
+
+
 def _r(*shape):
     return torch.randn(*shape)
 
@@ -185,6 +223,14 @@ _BAD_CALLS = {
         lambda: clip_loss(_r(4, 8), _r(5, 8), 1.0),
         r"clip_loss: image_emb and text_emb must both be \[N, D\]; got \(4, 8\) and \(5, 8\)",
     ),
+    "siglip_batch": (
+        lambda: siglip_loss(_r(4, 8), _r(5, 8), 10.0, -10.0),
+        r"siglip_loss: image_emb and text_emb must both be \[N, D\]; got \(4, 8\) and \(5, 8\)",
+    ),
+    "siglip_bias": (
+        lambda: siglip_loss(_r(4, 8), _r(4, 8), 10.0, torch.zeros(2)),
+        r"siglip_loss: logit_bias must be a float or a single-element tensor",
+    ),
     "clip_scale": (
         lambda: clip_loss(_r(4, 8), _r(4, 8), torch.ones(2)),
         r"clip_loss: logit_scale",
@@ -215,6 +261,7 @@ def _global_problem():
         "w": _randn(D_OUT, D_IN, seed=24),  # shared "linear layer" weight
         "w_txt": _randn(D_OUT, D_IN, seed=25),  # text tower for CLIP
         "log_scale": torch.tensor(math.log(7.0), dtype=F64),
+        "bias": torch.tensor(-2.0, dtype=F64),
     }
 
 
@@ -237,9 +284,16 @@ def _losses_and_grads(prob, sl):
     txt = torch.nn.functional.linear(prob["x_txt"][sl], w_txt)
     cl = clip_loss(img, txt, log_scale.exp())
     g_img, g_txt, g_scale = torch.autograd.grad(cl, (w, w_txt, log_scale))
+
+    bias = prob["bias"].clone().requires_grad_()
+    img = torch.nn.functional.linear(prob["x_img"][sl], w)
+    txt = torch.nn.functional.linear(prob["x_txt"][sl], w_txt)
+    sg = siglip_loss(img, txt, log_scale.exp(), bias)
+    s_img, s_txt, s_scale, s_bias = torch.autograd.grad(sg, (w, w_txt, log_scale, bias))
     return {
         "nt": nt.detach(), "g_nt": g_nt,
         "clip": cl.detach(), "g_img": g_img, "g_txt": g_txt, "g_scale": g_scale,
+        "siglip": sg.detach(), "s_img": s_img, "s_txt": s_txt, "s_scale": s_scale, "s_bias": s_bias,
     }
 
 
@@ -282,7 +336,8 @@ def test_distributed_collectives(dist_results):
         assert torch.equal(res["sum_"], torch.tensor([3.0]))
 
 
-@pytest.mark.parametrize("loss, grads", [("nt", ["g_nt"]), ("clip", ["g_img", "g_txt", "g_scale"])])
+@pytest.mark.parametrize("loss, grads", [("nt", ["g_nt"]), ("clip", ["g_img", "g_txt", "g_scale"]),
+                                         ("siglip", ["s_img", "s_txt", "s_scale", "s_bias"])])
 def test_distributed_matches_single_process(dist_results, loss, grads):
     full = _losses_and_grads(_global_problem(), slice(None))
     per_rank = torch.stack([res[loss] for res in dist_results])
