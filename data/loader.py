@@ -188,7 +188,10 @@ def step_loader(ds: Dataset, batch_size: int, collate, *, seed: int = 0, rank: i
                 start_step: int = 0, num_workers: int = 0, epoch_generator: torch.Generator | None = None) -> DataLoader:
     """An endless, resumable loader of this rank's slice of each global batch, collated by ``collate``
     (any of this module's collates, or an objective's own); ``epoch_generator``: see
-    :class:`StepBatchSampler`."""
+    :class:`StepBatchSampler` (default: ``ds.shuffle_generator()`` where the dataset has one, e.g.
+    a dataset split with a generator that goes on shuffling with it)."""
+    if epoch_generator is None and hasattr(ds, "shuffle_generator"):
+        epoch_generator = ds.shuffle_generator()
     sampler = StepBatchSampler(len(ds), batch_size, seed, rank, world_size, start_step, epoch_generator)
     return DataLoader(_StepKeyed(ds), batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, persistent_workers=num_workers > 0, generator=own_generator(seed))

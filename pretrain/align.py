@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from eval_probes.search.align import AlignConfig, AlignmentHeads, CaptionedEmbed
 
 from .checkpoint import RunDirError
 from .config import RunConfig, build_config, load_config
+from .loop import fit, launcher_world_size, process_rank
 
 __all__ = ["align_embeddings", "alignment_run_config", "resume_alignment"]
 
@@ -34,7 +34,7 @@ def alignment_run_config(emb_dir, captions, out_dir, cfg: AlignConfig, progress:
     HEAD_DIR (``out_dir``)."""
     cfg.validate()
     train = CaptionedEmbeddings(emb_dir, captions, "train", cfg.val_fraction, cfg.seed, cfg.text_encoder)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.engine != "plain" else 1
+    world = launcher_world_size(cfg.engine)
     batch = max(1, min(cfg.batch_size, len(train)) // world)  # per rank; InfoNCE gathers the global batch
     steps_per_epoch = max(1, len(train) // (batch * world))
     total = cfg.epochs * steps_per_epoch
@@ -50,12 +50,6 @@ def alignment_run_config(emb_dir, captions, out_dir, cfg: AlignConfig, progress:
                   "val_fraction": cfg.val_fraction},
     }
     return build_config(values)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _finish(run_cfg: RunConfig, t0: float) -> AlignmentHeads | dict:
@@ -103,21 +97,19 @@ def align_embeddings(emb_dir, captions, out_dir, config: AlignConfig | None = No
     """Train alignment heads on EMB_DIR's embeddings of the images CAPTIONS describes; HEAD_DIR
     (``out_dir``) is the run directory. Returns the heads (on rank 0 of a complete run), or
     ``{"stopped_at", "max_steps"}`` after ``config.stop_at``."""
-    from .loop import fit
 
     t0 = time.time()
     cfg = dataclasses.replace(config) if config is not None else AlignConfig()
     run_cfg = alignment_run_config(emb_dir, captions, out_dir, cfg, progress)
     fit(run_cfg)
-    if _rank() != 0:
-        return {"rank": _rank()}
+    if process_rank() != 0:
+        return {"rank": process_rank()}
     return _finish(run_cfg, t0)
 
 
 def resume_alignment(head_dir, overrides: list[str] | None = None, progress: bool = True) -> AlignmentHeads | dict:
     """Continue a stopped ``pretrain search align`` run in HEAD_DIR to its last step, exactly as an
     uninterrupted run (``overrides``: run config keys, e.g. ``max_steps=...``)."""
-    from .loop import fit
 
     t0 = time.time()
     path = Path(head_dir)
@@ -128,6 +120,6 @@ def resume_alignment(head_dir, overrides: list[str] | None = None, progress: boo
     if run_cfg.objective != "align":
         raise RunDirError(f"--resume: '{head_dir}' is a {run_cfg.objective} run, not an alignment run")
     fit(run_cfg, resume=True)
-    if _rank() != 0:
-        return {"rank": _rank()}
+    if process_rank() != 0:
+        return {"rank": process_rank()}
     return _finish(run_cfg, t0)

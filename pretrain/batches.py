@@ -165,7 +165,9 @@ class EmbeddedPairsSchema(BatchSchema):
     embeddings of their captions (:class:`eval_probes.search.align.CaptionedEmbeddings`). The
     objective's config names the captions file (``captions``), the text encoder
     (``text_encoder``) and the held-out fraction (``val_fraction``); the splits are ``train`` and
-    ``val``. No tower is built: the objective's heads are its whole model."""
+    ``val``; the training epochs' orders continue the generator that drew the split
+    (:meth:`~eval_probes.search.align.CaptionedEmbeddings.shuffle_generator`). No tower is built:
+    the objective's heads are its whole model."""
 
     def dataset(self, cfg, split):
         from eval_probes.search.align import CaptionedEmbeddings
@@ -178,14 +180,6 @@ class EmbeddedPairsSchema(BatchSchema):
         if not ocfg.captions:
             raise ConfigError(f"config key '{cfg.objective}.captions': expected a captions file (CAPTIONS.jsonl)")
         return CaptionedEmbeddings(cfg.data, ocfg.captions, split, ocfg.val_fraction, cfg.seed, ocfg.text_encoder)
-
-    def loader(self, cfg, objective, info, ds, rank, world, start_step=0, labelled=None):
-        """Full batches; the epochs' orders continue the generator that split the pairs (``seed``)."""
-        if labelled is not None:
-            return super().loader(cfg, objective, info, ds, rank, world, start_step, labelled)
-        return data_lib.step_loader(ds, cfg.batch_size, self.collate(cfg, objective, info, rank, world), seed=cfg.seed,
-                                    rank=rank, world_size=world, start_step=start_step, num_workers=cfg.num_workers,
-                                    epoch_generator=ds.shuffle_generator())
 
     def eval_loader(self, cfg, info, ds):
         from torch.utils.data import DataLoader

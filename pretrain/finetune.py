@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from .checkpoint import RunDirError
 from .config import (CHOICES, ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig, RunConfig, build_config,
                      load_config, model_config)
 from .engines import autocast_context, to_channels_last
+from .loop import launcher_world_size
 from .objectives import objective_class
 from .objectives.supervised import (WEIGHTS_FORMAT, Classifier, accuracy, classifier_from_arch, init_from_run,
                                     load_classifier, param_groups)
@@ -201,11 +201,6 @@ def _pct(f: float) -> str:
     return f"{100 * f:g}pct"
 
 
-def _world(cfg: FinetuneConfig) -> int:
-    """Data-parallel ranks of the job (the deepspeed launcher's WORLD_SIZE; 1 for the plain engine)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) if cfg.engine != "plain" else 1
-
-
 def run_config(cfg: FinetuneConfig, objective: str, model: ModelConfig, batch_size: int, section: dict) -> RunConfig:
     """The :class:`~pretrain.config.RunConfig` that trains ``objective`` for a resolved
     :class:`FinetuneConfig`: its run keys, ``model``, the light augmentation with ``crop_scale``,
@@ -223,21 +218,15 @@ def run_config(cfg: FinetuneConfig, objective: str, model: ModelConfig, batch_si
     return build_config(values)
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _fit(run_cfg: RunConfig, resume: bool, t_start: float) -> dict:
     """Train ``run_cfg`` with :func:`~pretrain.loop.fit`; on rank 0 write and return the summary of a
     finished run (a planned stop returns where it stopped)."""
-    from .loop import fit
+    from .loop import fit, process_rank
 
     run_dir = fit(run_cfg, resume=resume)
     kind = objective_class(run_cfg.objective).kind
-    if _rank() != 0:
-        return {"kind": kind, "rank": _rank()}
+    if process_rank() != 0:
+        return {"kind": kind, "rank": process_rank()}
     trained = json.loads((run_dir / "train_summary.json").read_text())
     if trained["steps"] < run_cfg.max_steps:  # a planned stop: the checkpoint is the output; --resume goes on
         return {"kind": kind, "stopped_at": trained["steps"], "max_steps": run_cfg.max_steps}
@@ -351,7 +340,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         src = "scratch-" + cfg.model.backbone if cfg.from_scratch else Path(cfg.run).name
         cfg.run_dir = f"runs/{src}-ft{_pct(cfg.labels)}"
     num_labels = len(labelled_subset(dataset_labels(train_ds), cfg.labels, cfg.label_seed))
-    batch = max(1, min(cfg.batch_size, num_labels // _world(cfg)))  # the labelled batch is capped at the labels
+    # the labelled batch is capped at the labels
+    batch = max(1, min(cfg.batch_size, num_labels // launcher_world_size(cfg.engine)))
     section = {"init": "" if cfg.from_scratch else str(cfg.run), "head_layers": cfg.head_layers,
                "num_classes": train_ds.info.num_classes, "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay}
     return _fit(run_config(cfg, "supervised", cfg.model, batch, section), resume, t_start)
@@ -382,7 +372,7 @@ def distill(cfg: FinetuneConfig, resume: bool = False) -> dict:
     cfg.model = copy.deepcopy(cfg.student)
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{tdir.name}-distill-{cfg.student.backbone}"
-    batch = max(1, min(cfg.batch_size, len(train_ds) // _world(cfg)))
+    batch = max(1, min(cfg.batch_size, len(train_ds) // launcher_world_size(cfg.engine)))
     section = {"teacher": str(tdir), "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha,
                "num_classes": info.num_classes, "layer_decay": cfg.layer_decay, "ema_decay": cfg.ema_decay}
     return _fit(run_config(cfg, "distill", cfg.student, batch, section), resume, t_start)

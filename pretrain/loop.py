@@ -64,6 +64,22 @@ def view_augments(cfg: RunConfig, objective, info: data_lib.DatasetInfo) -> list
     return ViewsSchema().augments(cfg, objective, info)
 
 
+def launcher_world_size(engine: str) -> int:
+    """Data-parallel ranks a job of ``engine`` will have, before :func:`fit` starts them: the
+    launcher's ``WORLD_SIZE`` for a distributed engine, 1 for the plain one."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) if ENGINES.meta(engine).get("distributed") else 1
+
+
+def process_rank() -> int:
+    """This process's global rank (0 outside a distributed job); drivers around :func:`fit` report
+    on rank 0."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def effective_lr(cfg: RunConfig, world_size: int = 1) -> float:
     """Base LR, linearly scaled with the global batch (lr * B / 256) when ``optim.scale_lr``;
     ``world_size`` is the number of data-parallel ranks."""

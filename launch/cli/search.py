@@ -145,29 +145,39 @@ def _cmd_caption(args) -> int:
     return 0
 
 
-def _cmd_align(args) -> int:
+def _train_heads(args):
+    """Train (or, with --resume, continue) alignment heads; returns ``(HEAD_DIR, heads or a status dict)``."""
     from eval_probes.search.align import AlignConfig, config_from_overrides
     from pretrain.align import align_embeddings, resume_alignment
 
-    t0 = time.time()
     if args.resume:
         given = [f for f in ("embeddings", "captions", "out") if getattr(args, f)]
         if given:
             raise CliError(f"--resume takes the run's own config.yaml; drop --{given[0]} (key=value overrides "
                            f"of the run config may follow)")
         existing_dir("--resume", args.resume)
-        out, result = args.resume, resume_alignment(args.resume, args.overrides, progress=not args.quiet)
-    else:
-        missing = [f"--{f}" for f in ("embeddings", "captions", "out") if not getattr(args, f)]
-        if missing:
-            raise CliError(f"the following arguments are required: {', '.join(missing)} (or --resume HEAD_DIR)")
-        existing_dir("--embeddings", args.embeddings)
-        existing_file("--captions", args.captions)
-        flags = AlignConfig(text_encoder=args.text_encoder, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
-                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-        cfg = config_from_overrides(args.overrides, base=flags)  # key=value for every other setting
-        out, result = args.out, align_embeddings(args.embeddings, args.captions, args.out, cfg,
-                                                 progress=not args.quiet)
+        return args.resume, resume_alignment(args.resume, args.overrides, progress=not args.quiet)
+    missing = [f"--{f}" for f in ("embeddings", "captions", "out") if not getattr(args, f)]
+    if missing:
+        raise CliError(f"the following arguments are required: {', '.join(missing)} (or --resume HEAD_DIR)")
+    existing_dir("--embeddings", args.embeddings)
+    existing_file("--captions", args.captions)
+    flags = AlignConfig(text_encoder=args.text_encoder, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
+                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg = config_from_overrides(args.overrides, base=flags)  # key=value for every other setting
+    return args.out, align_embeddings(args.embeddings, args.captions, args.out, cfg, progress=not args.quiet)
+
+
+def _cmd_align(args) -> int:
+    from pretrain.engines import shutdown_distributed
+
+    t0 = time.time()
+    ok = False
+    try:  # under the deepspeed launcher (engine=deepspeed) every rank runs this; rank 0 reports
+        out, result = _train_heads(args)
+        ok = True
+    finally:
+        shutdown_distributed(wait=ok)  # nothing to do outside a launcher job
     if isinstance(result, dict):
         if "stopped_at" in result:
             print(f"align: stopped after step {result['stopped_at']} of {result['max_steps']} with a checkpoint; "

@@ -91,8 +91,9 @@ class Objective(nn.Module):
     def evaluate(self, loader, final: bool = False) -> dict[str, float]:
         """Numbers measured on the ``eval_split`` images, e.g. ``{"acc": 0.93}``.
 
-        ``loader`` yields batches ``{"image", "label", "index"}`` (resized and normalised, in the
-        run's memory layout); the loop runs this under the run's precision on every rank, every
+        ``loader`` yields the batch schema's evaluation batches (:meth:`BatchSchema.eval_loader`;
+        for images ``{"image", "label", "index"}``, resized and normalised, in the run's memory
+        layout); the loop runs this under the run's precision on every rank, every
         ``eval_every`` steps and once more at the end (``final=True``, where it may report more),
         and logs each number as ``<split>_<name>`` (``test_acc``) into metrics.jsonl and
         train_summary.json. Default: nothing.
