@@ -73,7 +73,7 @@ def _finish(run_cfg: RunConfig, t0: float) -> AlignmentHeads | dict:
     losses = [r["loss"] for r in rows if "loss" in r]
     metrics = {"train_loss": float(np.mean(losses[-steps_per_epoch:])),
                "train_loss_first_epoch": float(np.mean(losses[:steps_per_epoch])),
-               "pairs": train.num_pairs, "train_pairs": train.info.extra["train_pairs"],
+               "pairs": train.info.extra["pairs"], "train_pairs": train.info.extra["train_pairs"],
                "val_pairs": train.info.extra["val_pairs"], "steps": run_cfg.max_steps,
                "resumed_from_step": trained.get("start_step") or None}
     for key in ("val_loss", "val_caption_acc"):
@@ -87,7 +87,7 @@ def _finish(run_cfg: RunConfig, t0: float) -> AlignmentHeads | dict:
     heads.load_state_dict(load_file(str(run_dir / "weights.safetensors")))
     heads.eval()
     heads.info = {"config": dataclasses.asdict(settings), "metrics": metrics,
-                  "trained_on": {"embeddings": run_cfg.data, "captions": ocfg.captions, "pairs": train.num_pairs}}
+                  "trained_on": {"embeddings": run_cfg.data, "captions": ocfg.captions, "pairs": train.info.extra["pairs"]}}
     write_json(run_dir / "heads.json", heads.config_json())  # last: a HEAD_DIR is complete once it is there
     return heads
 

@@ -46,7 +46,7 @@ from .checkpoint import RunDirError
 from .config import (CHOICES, ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig, RunConfig, build_config,
                      load_config, model_config)
 from .engines import autocast_context, to_channels_last
-from .loop import launcher_world_size
+from .loop import effective_lr, fit, launcher_world_size, process_rank
 from .objectives import objective_class
 from .objectives.supervised import (WEIGHTS_FORMAT, Classifier, accuracy, classifier_from_arch, init_from_run,
                                     load_classifier, param_groups)
@@ -221,8 +221,6 @@ def run_config(cfg: FinetuneConfig, objective: str, model: ModelConfig, batch_si
 def _fit(run_cfg: RunConfig, resume: bool, t_start: float) -> dict:
     """Train ``run_cfg`` with :func:`~pretrain.loop.fit`; on rank 0 write and return the summary of a
     finished run (a planned stop returns where it stopped)."""
-    from .loop import fit, process_rank
-
     run_dir = fit(run_cfg, resume=resume)
     kind = objective_class(run_cfg.objective).kind
     if process_rank() != 0:
@@ -238,8 +236,6 @@ def _fit(run_cfg: RunConfig, resume: bool, t_start: float) -> dict:
 def run_summary(run_cfg: RunConfig, run_dir: Path, trained: dict, t_start: float) -> dict:
     """``summary.json`` of a finished fine-tuning or distillation run: test accuracy of the evaluated
     and of the raw weights, data, seeds, labels per class, sizes, wall time and the recipe's numbers."""
-    from .loop import effective_lr
-
     ocfg = run_cfg.objective_config
     kind = objective_class(run_cfg.objective).kind
     size = run_cfg.image_size or None

@@ -284,7 +284,6 @@ class CaptionedEmbeddings(torch.utils.data.Dataset):
         self.image_vecs = torch.from_numpy(vecs[rows])
         self.text_vecs = torch.from_numpy(text_vecs[rows])
         self.caption_ids = torch.from_numpy(caption_ids[rows])
-        self.num_pairs = n
         self.info = DatasetInfo(f"captioned:{emb_dir}", 0, 0, 0, (), (), flip=False, color=False,
                                 extra={"image_dim": int(vecs.shape[1]), "text_dim": int(text_vecs.shape[1]),
                                        "text_encoder": enc_name, "pairs": n, "train_pairs": n - n_val,

@@ -13,7 +13,6 @@ It reports the InfoNCE loss and caption-retrieval accuracy of the held-out pairs
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -121,11 +120,6 @@ class Align(Objective):
         target = torch.arange(len(img))
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
         return {"loss": float(loss), "caption_acc": caption_accuracy(img, txt, cid)}
-
-    def check_metrics(self, metrics: dict) -> str | None:
-        if not math.isfinite(metrics.get("loss", 0.0)):
-            return f"align: the loss is {metrics['loss']}"
-        return None
 
     def export_state(self, state: dict, run: dict):
         """The heads' tensors (names as :class:`AlignmentHeads` has them), once training is complete."""
