@@ -6,7 +6,7 @@ The AION-Search pipeline end to end on the 4,000 mnist5k training digits:
 2. embed every image with a frozen encoder (default: the packaged ImageNet EfficientNet-Lite0);
 3. align image and caption embeddings with small heads (InfoNCE), MiniLM on the text side;
 4. index the aligned image embeddings and answer the named queries of
-   :func:`eval_probes.search.captions.digit_queries` (10 class queries, 6 rare-attribute queries
+   :func:`data.captions.digit_queries` (10 class queries, 6 rare-attribute queries
    whose ground truth is the measured attribute, e.g. the 5% thickest strokes).
 
 Scored by nDCG@10 and recall@100 (AION-Search's metrics; recall capped: hits / min(relevant, 100))
@@ -34,7 +34,7 @@ import torch
 import data as D
 from eval_probes.search.align import AlignConfig
 from pretrain.align import align_embeddings
-from eval_probes.search.captions import caption_dataset, digit_queries, write_captions
+from data.captions import caption_dataset, digit_queries, write_captions
 from eval_probes.search.embed import EmbeddingStore, embed_dataset, load_encoder
 from eval_probes.search.index import build_index
 from eval_probes.search.metrics import ndcg_at_k, recall_at_k

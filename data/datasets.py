@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 from .common import PathNotFoundError, Registry, UnknownNameError, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+#: What image-text pair sources also read (rendered with cairosvg).
+PAIR_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS + (".svg",)
 
 
 class DataError(UserError, ValueError):
@@ -85,19 +87,44 @@ class ImageFolderDataset(Dataset):
         return {"image": image, "label": int(self.labels[i]), "index": int(i)}
 
 
-def load_image(path: str, size: int, channels: int = 3) -> torch.Tensor:
-    """Decode an image file to a uint8 tensor [C, size, size] (shorter side resized, centre crop)."""
+def load_image(path: str, size: int, channels: int = 3, fit: str = "crop") -> torch.Tensor:
+    """Decode an image file to a uint8 tensor [C, size, size].
+
+    ``fit="crop"``: the shorter side is resized to ``size`` and the centre cropped; ``fit="pad"``:
+    the longer side is resized to ``size`` and the rest filled with white, so a cut-out object
+    stays whole (image-text pairs, whose captions describe the whole picture). Transparent pixels
+    are composited on white either way. SVG files are rendered with cairosvg.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
+    source = path
+    if str(path).lower().endswith(".svg"):
+        import io
+
+        import cairosvg
+
+        source = io.BytesIO(cairosvg.svg2png(url=str(path), output_width=max(2 * size, 64)))
+    with Image.open(source) as im:
         im.load()
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im.alpha_composite(rgba)
         im = im.convert("RGB" if channels == 3 else "L")
         w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        if fit == "pad":
+            scale = size / max(w, h)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+            canvas = Image.new(im.mode, (size, size), 255 if im.mode == "L" else (255, 255, 255))
+            canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
+            im = canvas
+        else:
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
         arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

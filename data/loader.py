@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -145,7 +146,8 @@ class PairCollate:
     """Collate for image-text pairs: images resized and normalised (``augment``: an optional
     :class:`ViewAugment` drawn per (seed, step) like a view), captions tokenized to ids.
 
-    Items must carry ``text`` (a caption, or a list of captions of which the first is used here).
+    Items must carry ``text``: a caption, or a list of captions of which each step uses one, drawn
+    from ``(seed, step, index)`` only (the same on any number of ranks and after a resume).
     """
 
     def __init__(self, size: int, mean, std, tokenizer, augment: ViewAugment | None = None, seed: int = 0,
@@ -172,11 +174,17 @@ class PairCollate:
             image = self.augment(images, g, offset=self.rank * bs, total=bs * self.world_size)
         else:
             image = eval_transform(images, self.size, self.mean, self.std)
-        texts = [it["text"] if isinstance(it["text"], str) else it["text"][0] for it in good]
+        texts = [self.pick(it["text"], step, it["index"]) for it in good]
         return {"image": image, "text": self.tokenizer(texts),
                 "label": torch.tensor([it.get("label", -1) for it in good]),
                 "index": torch.tensor([it["index"] for it in good]),
                 "skipped": skipped, "step": step}
+
+
+    def pick(self, text, step: int, index: int) -> str:
+        if isinstance(text, str) or len(text) == 1:
+            return text if isinstance(text, str) else text[0]
+        return text[int(np.random.default_rng([self.seed, max(step, 0), index]).integers(len(text)))]
 
 
 def batch_len(batch: dict) -> int:
@@ -247,6 +255,11 @@ class SkipCounter:
 
     def __init__(self):
         self.files: dict[str, str] = {}
+
+    def record(self, skipped) -> None:
+        """Count ``(path, reason)`` pairs already reported (e.g. by a dataset when it was built)."""
+        for path, reason in skipped:
+            self.files.setdefault(path, reason)
 
     def update(self, batch: dict) -> None:
         for path, reason in batch.get("skipped", ()):

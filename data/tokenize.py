@@ -51,3 +51,32 @@ def create_tokenizer(name: str, context_length: int):
 
 def list_tokenizers() -> list[str]:
     return TOKENIZERS.names()
+
+
+class ClipBpeTokenizer:
+    """CLIP's byte-pair encoding (49,408 ids; the vocabulary file ships with open_clip, no download):
+    ``[SOT] tokens [EOT] [PAD=0]...``, lower-cased with whitespace cleaned as CLIP does. Over-long
+    text is cut so that the last position holds EOT."""
+
+    pad_id = 0
+
+    def __init__(self, context_length: int = 77):
+        try:
+            from open_clip.tokenizer import SimpleTokenizer
+        except ImportError:
+            raise UserError("tokenizer.name=clip_bpe needs open_clip (pip install open_clip_torch)") from None
+        if context_length < 3:
+            raise UserError(f"tokenizer.context_length={context_length}: must be >= 3 (SOT, one token, EOT)")
+        self._tok = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        self.vocab_size = self._tok.vocab_size
+        self.sot_id, self.eot_id = self._tok.sot_token_id, self._tok.eot_token_id
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise UserError(f"tokenizer: text #{i} is {type(t).__name__}, expected str")
+        return self._tok(list(texts), context_length=self.context_length).long()
+
+
+TOKENIZERS.register("clip_bpe", ClipBpeTokenizer)

@@ -6,7 +6,7 @@ from all ranks with :func:`gather_with_grad`). Only ``torch`` is imported.
 """
 
 from .byol import byol_loss
-from .clip import clip_loss
+from .clip import blockwise_info_nce, clip_loss
 from .distill import distillation_loss
 from .dist import (all_reduce_max_, all_reduce_mean, all_reduce_sum_, data_parallel_group, gather_with_grad, rank,
                    set_data_parallel_group, world_size)
@@ -18,6 +18,7 @@ __all__ = [
     "byol_loss",
     "nt_xent_loss",
     "clip_loss",
+    "blockwise_info_nce",
     "siglip_loss",
     "distillation_loss",
     "sinkhorn",

@@ -407,8 +407,11 @@ class VisionTransformer(BlockStackEncoder):
         mlp_ratio: float = 4.0,
         pool: str = "cls",
         drop_path: float = 0.0,
+        patch_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
         if pool not in _POOLS:
             raise ValueError(f"pool must be one of {', '.join(_POOLS)}; got {pool!r}")
         if depth < 1:
@@ -424,6 +427,7 @@ class VisionTransformer(BlockStackEncoder):
         self.num_heads = num_heads
         self.pool = pool
         self.num_prefix_tokens = 1
+        self.patch_dropout = patch_dropout
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, embed_dim)
         self.image_size = image_size
@@ -483,8 +487,23 @@ class VisionTransformer(BlockStackEncoder):
 
         Returns:
             Tokens ``[B, 1 + N, D]`` or, with ``drop_masked``, ``[B, 1 + N_visible, D]``.
+
+        With ``patch_dropout = p > 0``, in training mode and without a mask, each image keeps
+        ``int(N * (1 - p))`` of its patch tokens, drawn at random (FLIP, Li et al. 2023), and
+        always its class token: ``[B, 1 + int(N * (1 - p)), D]``.
         """
+        if mask is None and self.training and self.patch_dropout > 0:
+            mask, drop_masked = self.patch_dropout_mask(x), True
         return _embed_tokens(self.patch_embed, self.cls_token, self.pos_embed, self.mask_token, x, mask, drop_masked)
+
+    def patch_dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, N]``, True on the patches FLIP's patch dropout removes: all but
+        ``int(N * (1 - patch_dropout))`` per row (at least one), drawn from torch's generator."""
+        b = x.shape[0]
+        n = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
+        keep = max(1, int(n * (1.0 - self.patch_dropout)))
+        order = torch.rand(b, n, device=x.device).argsort(dim=1)
+        return torch.ones(b, n, dtype=torch.bool, device=x.device).scatter_(1, order[:, :keep], False)
 
     def forward_features(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False
@@ -556,6 +575,7 @@ def _build_vit(
     mlp_ratio: float,
     pool: str,
     drop_path: float,
+    patch_dropout: float = 0.0,
 ) -> VisionTransformer:
     cfg = dict(_PRESETS[preset])
     for key, value in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -568,6 +588,7 @@ def _build_vit(
         mlp_ratio=mlp_ratio,
         pool=pool,
         drop_path=drop_path,
+        patch_dropout=patch_dropout,
         **cfg,
     )
 
@@ -583,10 +604,11 @@ def vit_tiny(
     mlp_ratio: float = 4.0,
     pool: str = "cls",
     drop_path: float = 0.0,
+    patch_dropout: float = 0.0,
 ) -> VisionTransformer:
     """ViT-Tiny (D=192, depth 12, 3 heads); explicit ``depth/embed_dim/num_heads`` override it."""
     return _build_vit("vit_tiny", image_size, patch_size, in_chans, depth, embed_dim, num_heads,
-                      mlp_ratio, pool, drop_path)
+                      mlp_ratio, pool, drop_path, patch_dropout)
 
 
 @register_backbone("vit_small")
@@ -600,10 +622,11 @@ def vit_small(
     mlp_ratio: float = 4.0,
     pool: str = "cls",
     drop_path: float = 0.0,
+    patch_dropout: float = 0.0,
 ) -> VisionTransformer:
     """ViT-Small (D=384, depth 12, 6 heads); explicit ``depth/embed_dim/num_heads`` override it."""
     return _build_vit("vit_small", image_size, patch_size, in_chans, depth, embed_dim, num_heads,
-                      mlp_ratio, pool, drop_path)
+                      mlp_ratio, pool, drop_path, patch_dropout)
 
 
 @register_backbone("vit_base")
@@ -617,7 +640,8 @@ def vit_base(
     mlp_ratio: float = 4.0,
     pool: str = "cls",
     drop_path: float = 0.0,
+    patch_dropout: float = 0.0,
 ) -> VisionTransformer:
     """ViT-Base (D=768, depth 12, 12 heads); explicit ``depth/embed_dim/num_heads`` override it."""
     return _build_vit("vit_base", image_size, patch_size, in_chans, depth, embed_dim, num_heads,
-                      mlp_ratio, pool, drop_path)
+                      mlp_ratio, pool, drop_path, patch_dropout)

@@ -142,8 +142,26 @@ class ViewsSchema(BatchSchema):
 
 @SCHEMAS.register("pairs")
 class PairsSchema(BatchSchema):
-    """Images with captions: the image resized and normalised, the caption as token ids of
-    ``tokenizer.name`` (``tokenizer.context_length`` ids, end-of-text kept on truncation)."""
+    """Images with captions: the image resized and normalised (with ``aug.views=light``, a random
+    resized crop of ``aug.crop_scale`` and, where the data allows, flips), one of its captions (drawn
+    per step) as token ids of ``tokenizer.name`` (``tokenizer.context_length`` ids, end-of-text kept
+    on truncation). The data is a pair spec (:mod:`data.pairs`: ``tuxpaint``, ``mnist5k_captions``,
+    ``pairs:FILE.jsonl``, ``csv:FILE``, joined with ``+``) or any registered dataset whose items
+    carry ``text``. Evaluation batches hold every caption of each image
+    (:class:`data.pairs.PairEvalCollate`)."""
+
+    def dataset(self, cfg, split):
+        from data.pairs import CsvOptions, build_pairs, is_pair_spec
+
+        if is_pair_spec(cfg.data):
+            return build_pairs(cfg.data, split, image_size=cfg.image_size or None, seed=cfg.seed,
+                               csv_options=CsvOptions(cfg.csv.img_key, cfg.csv.caption_key, cfg.csv.separator))
+        return super().dataset(cfg, split)
+
+    def eval_loader(self, cfg, info, ds):
+        from data.pairs import pair_eval_loader
+
+        return pair_eval_loader(ds, image_size(cfg, info), self.tokenizer(cfg))
 
     def tokenizer(self, cfg: RunConfig):
         return data_lib.create_tokenizer(cfg.tokenizer.name, cfg.tokenizer.context_length)
@@ -155,8 +173,16 @@ class PairsSchema(BatchSchema):
                          "pad_id": tok.pad_id, "eot_id": tok.eot_id}}
 
     def collate(self, cfg, objective, info, rank, world):
-        return data_lib.PairCollate(image_size(cfg, info), info.mean, info.std, self.tokenizer(cfg), seed=cfg.seed,
-                                    rank=rank, world_size=world, batch_size=cfg.batch_size)
+        augment = None
+        if cfg.aug.views:
+            if cfg.aug.views != "light":
+                raise ConfigError(f"aug.views={cfg.aug.views}: image-text pairs take aug.views=light (random resized "
+                                  f"crop and flips) or no augmentation (aug.views='')")
+            spec = data_lib.view_specs("light", image_size(cfg, info), crop_scale=cfg.aug.crop_scale,
+                                       color=info.color, flip=info.flip)[0]
+            augment = data_lib.ViewAugment(spec, info.mean, info.std)
+        return data_lib.PairCollate(image_size(cfg, info), info.mean, info.std, self.tokenizer(cfg), augment=augment,
+                                    seed=cfg.seed, rank=rank, world_size=world, batch_size=cfg.batch_size)
 
 
 @SCHEMAS.register("embedded_pairs")

@@ -38,6 +38,8 @@ class TowerConfig:
     embed_dim: int = 0  # ViTs: token width (0 = the named size's)
     num_heads: int = 0  # ViTs
     heads: int = 0  # text transformers
+    patch_dropout: float = 0.0  # ViTs: FLIP's patch dropout in training, the fraction of patch tokens dropped
+    init: str = ""  # a run directory of this project whose tower of this name starts this one ("" = random init)
 
 
 def _image_tower() -> TowerConfig:
@@ -76,8 +78,18 @@ class TokenizerConfig:
 
 
 @dataclass
+class CsvConfig:
+    """Columns of ``data=csv:FILE`` image-text pairs (open_clip's ``--csv-img-key`` /
+    ``--csv-caption-key`` / ``--csv-separator``)."""
+
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    separator: str = "\t"
+
+
+@dataclass
 class OptimConfig:
-    name: str = "lars"  # sgd | adamw | lars
+    name: str = "lars"  # sgd | adamw | lars | lamb
     lr: float = 1.0  # base LR, scaled by batch_size / 256 when scale_lr
     scale_lr: bool = True
     weight_decay: float = 1.5e-6
@@ -138,6 +150,9 @@ class RunConfig:
     # class-balanced subset of the train split, max(1, round(labels x n_class)) images per class
     labels: float = 1.0  # fraction of each class's train images that keep their label, in (0, 1]
     label_seed: int = 0  # which images: same seed, same subset
+    # gradient caching (BASIC): each contrastive step's per-process batch in this many chunks, one
+    # chunk's activations in memory at a time, the same gradient as one pass (pretrain.gradcache)
+    grad_chunks: int = 1
     eval_every: int = 0  # objectives that evaluate (Objective.eval_split): every N steps; 0 = only at the end
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -145,6 +160,7 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    csv: CsvConfig = field(default_factory=CsvConfig)
     # per-objective sections, filled from the objective registry (name -> Config instance)
     objectives: dict = field(default_factory=dict)
 
@@ -160,7 +176,8 @@ CHOICES = {
     "model.image.stem": ("", "cifar", "imagenet"),
     "model.image.norm": ("", "bn", "gn_ws"),
     "byol.head_norm": ("bn", "ln", "none"),
-    "optim.name": ("sgd", "adamw", "lars"),
+    "simclr.head_norm": ("bn", "ln", "none"),
+    "optim.name": ("sgd", "adamw", "lars", "lamb"),
     "aug.views": ("", "byol", "simclr", "light"),
 }
 
@@ -183,6 +200,11 @@ def build_config(values: dict) -> RunConfig:
     obj_sections = {k: values.pop(k) for k in list(values) if k in objective_names}
     fill(cfg, values, "", CHOICES)
     check_values(cfg)
+    if cfg.objective in objective_names and cfg.grad_chunks > 1 \
+            and not objective_class(cfg.objective).supports_grad_chunks:
+        able = [n for n in objective_names if objective_class(n).supports_grad_chunks]
+        raise ConfigError(f"config key 'grad_chunks': objective '{cfg.objective}' has no batch-coupled contrastive "
+                          f"loss to cache gradients for; objectives that support it: {', '.join(able)}")
     if cfg.objective not in objective_names:
         # the pretraining objectives first, then those that train a classifier on labels or a teacher
         listed = sorted(objective_names, key=lambda n: not objective_class(n).pretraining)
@@ -201,6 +223,9 @@ def check_values(cfg: RunConfig) -> None:
     from data import check_fraction
 
     check_fraction(cfg.labels, "config key 'labels'")
+    if not 1 <= cfg.grad_chunks <= max(cfg.batch_size, 1):
+        raise ConfigError(f"config key 'grad_chunks': expected an integer from 1 (off) to batch_size "
+                          f"({cfg.batch_size}), got {cfg.grad_chunks}")
     if cfg.eval_every < 0:
         raise ConfigError(f"config key 'eval_every': expected an integer >= 0 (0 = off), got {cfg.eval_every}")
 

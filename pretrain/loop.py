@@ -194,6 +194,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     train_ds = schema.dataset(cfg, "train")
     info = train_ds.info
     objective = build_model(cfg, info)
+    objective.grad_chunks = cfg.grad_chunks
     if dp > 1 and cfg.model.global_bn:
         objective = convert_to_global_bn(objective)
     labelled = None
@@ -233,6 +234,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                            labelled=labelled if objective.labelled_stream else None)
     logger = MetricsLogger(run_dir, resume_step=start) if main else None
     skips = data_lib.SkipCounter()
+    skips.record(getattr(train_ds, "skipped", ()))  # what the dataset dropped when it was built (it warned)
 
     def checkpoint(step: int) -> Path:
         rngs = _gather_objects(rng_state(), world)
@@ -258,7 +260,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
 
     def evaluate(final: bool) -> dict:
         """The objective's numbers on its eval split, as ``{"<split>_<name>": value}`` (every rank runs it)."""
-        batches = (engine.prepare(b) for b in schema.eval_loader(cfg, info, eval_ds))
+        batches = EvalBatches(schema.eval_loader(cfg, info, eval_ds), engine.prepare)
         with autocast_context(cfg.precision):
             res = objective.evaluate(batches, final=final)
         engine.train()
@@ -335,6 +337,22 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     if barrier:
         barrier()
     return run_dir
+
+
+class EvalBatches:
+    """One evaluation pass: iterating yields the schema's evaluation batches moved to the engine's
+    device (``prepare``); every other attribute is the schema loader's (e.g. the tokenizer and
+    zero-shot classes of image-text pairs), and ``prepare`` moves a tensor or batch the objective
+    makes itself."""
+
+    def __init__(self, loader, prepare):
+        self.loader, self.prepare = loader, prepare
+
+    def __iter__(self):
+        return (self.prepare(b) for b in self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["loader"], name)
 
 
 def _barrier() -> None:

@@ -34,15 +34,19 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     return build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
-def load_run(run_dir: str | Path, cfg: RunConfig | None = None,
-             info: data_lib.DatasetInfo | None = None) -> tuple[RunConfig, torch.nn.Module]:
-    """Rebuild a run's objective from ``config.yaml`` and load ``weights.safetensors`` into it."""
+def load_run(run_dir: str | Path, cfg: RunConfig | None = None, info: data_lib.DatasetInfo | None = None,
+             weights_path: str | Path | None = None) -> tuple[RunConfig, torch.nn.Module]:
+    """Rebuild a run's objective from ``config.yaml`` and load ``weights.safetensors`` (or the
+    weights file ``weights_path``) into it."""
     run_dir = Path(run_dir)
     cfg = cfg or read_run_config(run_dir)
     if info is None:
-        info = data_lib.build_dataset(cfg.data, "test", image_size=cfg.image_size or None).info
+        from .batches import schema_of
+        from .objectives import objective_class
+
+        info = schema_of(objective_class(cfg.objective)).dataset(cfg, "test").info
     model = build_model(cfg, info)
-    state, _ = load_weights(run_dir / "weights.safetensors")
+    state, _ = load_weights(weights_path or run_dir / "weights.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
         raise RunError(f"weights.safetensors in '{run_dir}' do not fit objective '{cfg.objective}' with backbone "

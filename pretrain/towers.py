@@ -29,7 +29,7 @@ def tower_kwargs(tower: TowerConfig, **from_data) -> dict:
     kw = {}
     for f in dataclasses.fields(tower):
         v = getattr(tower, f.name)
-        if f.name != "backbone" and v not in ("", 0) and (accepted is None or f.name in accepted):
+        if f.name not in ("backbone", "init") and v not in ("", 0) and (accepted is None or f.name in accepted):
             kw[f.name] = v
     for k, v in from_data.items():
         if accepted is None or k in accepted:
@@ -46,7 +46,41 @@ def build_tower(model: ModelConfig, name: str, **from_data) -> nn.Module:
     if not tower.backbone:
         raise ConfigError(f"model.{name}.backbone is not set, but the objective needs a {name} tower "
                           f"(e.g. model.{name}.backbone=...; see pretrain list)")
-    return create_backbone(tower.backbone, **tower_kwargs(tower, **from_data))
+    module = create_backbone(tower.backbone, **tower_kwargs(tower, **from_data))
+    if tower.init:
+        init_from_run(module, tower.init, name)
+    return module
+
+
+def init_from_run(module: nn.Module, run_dir: str, name: str) -> None:
+    """Copy the ``name`` tower of the run in ``run_dir`` (its ``weights.safetensors``, as ``pretrain
+    probe`` loads it) into ``module``, which must have the same architecture (EVA-CLIP starts its
+    image tower from a masked-image-modelling run this way)."""
+    from pathlib import Path
+
+    from .probe import load_run  # the probe module imports the loop, which builds towers
+
+    key = f"model.{name}.init"
+    if not (Path(run_dir) / "config.yaml").is_file() or not (Path(run_dir) / "weights.safetensors").is_file():
+        raise ConfigError(f"config key '{key}': '{run_dir}' is not a finished run of this project (expected "
+                          f"config.yaml and weights.safetensors there)")
+    run_cfg, model = load_run(run_dir)
+    if name not in getattr(model, "towers", ()):
+        raise ConfigError(f"config key '{key}': the run '{run_dir}' (objective '{run_cfg.objective}') has no {name} "
+                          f"tower; its towers: {', '.join(model.towers)}")
+    source = model.tower(name).state_dict()
+    target = module.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in source.items()
+           if k in target and v.shape != target[k].shape]
+    missing, extra = sorted(set(target) - set(source)), sorted(set(source) - set(target))
+    if bad or missing or extra:
+        got = getattr(run_cfg.model, name).backbone
+        raise ConfigError(f"config key '{key}': the {name} tower of '{run_dir}' ({got}) does not fit "
+                          f"model.{name} ({type(module).__name__}): "
+                          + "; ".join(x for x in (f"shapes differ: {', '.join(bad[:3])}" if bad else "",
+                                                  f"missing: {', '.join(missing[:3])}" if missing else "",
+                                                  f"unexpected: {', '.join(extra[:3])}" if extra else "") if x))
+    module.load_state_dict(source)
 
 
 def build_towers(model: ModelConfig, names, sizes: dict[str, dict]) -> dict[str, nn.Module]:

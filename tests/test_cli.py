@@ -57,7 +57,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["objective=byl"], ["unknown objective 'byl'", "valid objectives: byol, simclr"]),
+    (["objective=byl"], ["unknown objective 'byl'", "valid objectives: byol, clip, simclr"]),
     (["model.backbone=resnet19"], ["unknown backbone 'resnet19'", "resnet18, resnet34, resnet50"]),
     (["data=mnist"], ["unknown dataset 'mnist'", "mnist5k"]),
     (["max_stepz=3"], ["unknown config key 'max_stepz'", "max_steps"]),
@@ -94,6 +94,7 @@ def test_folder_with_corrupt_image_trains_and_counts_the_skip(tmp_path):
 def test_list_and_help():
     out = pretrain("list").stdout
     assert "byol" in out and "simclr" in out and "resnet18" in out and "mnist5k" in out and "folder:PATH" in out
+    assert "tuxpaint" in out and "pairs:FILE" in out and "clip_bpe" in out
     h = pretrain("--help").stdout
     for sub in ("fit", "probe", "demo", "list"):
         assert sub in h

@@ -91,7 +91,7 @@ def test_duplicates_and_bad_names_are_refused():
 def test_the_project_registries_are_registries():
     from data.datasets import DATASETS
     from eval_probes import PROBES
-    from eval_probes.search.captions import CAPTIONERS
+    from data.captions import CAPTIONERS
     from eval_probes.search.embed import ENCODERS
     from eval_probes.search.rerank import RERANKERS
     from eval_probes.search.text import TEXT_ENCODERS

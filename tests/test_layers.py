@@ -180,7 +180,7 @@ def test_the_library_error_classes_are_user_errors():
     from data import DataError
     from data.common import PathNotFoundError, UnknownNameError, UserError
     from eval_probes.search import SearchError
-    from eval_probes.search.captions import CaptionError
+    from data.captions import CaptionError
     from launch.cli import CliError
     from pretrain.checkpoint import CheckpointNotFoundError, RunDirError
     from pretrain.config import ConfigError

@@ -607,3 +607,26 @@ def test_wslinear_standardises_rows_and_drops_shared_component():
     # Gradients reach the stored weight.
     lin(x).sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_vit_patch_dropout_keeps_the_class_token_and_int_n_times_one_minus_p_patches():
+    from models import create_backbone
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit_tiny", image_size=16, patch_size=4, depth=1, embed_dim=16, num_heads=2,
+                          patch_dropout=0.3)
+    x = torch.randn(5, 3, 16, 16)
+    vit.train()
+    tokens = vit.forward_features(x)
+    assert tokens.shape == (5, 1 + int(16 * 0.7), 16)  # 11 of 16 patches, plus the class token
+    mask = vit.patch_dropout_mask(x)
+    assert mask.shape == (5, 16) and ((~mask).sum(1) == 11).all()
+    assert len({tuple(m.tolist()) for m in mask}) > 1  # each image draws its own patches
+    # the class token is never dropped: it comes first, with the class embedding and position 0
+    kept = vit.prepare_tokens(x)
+    assert kept.shape[1] == 12
+    torch.testing.assert_close(kept[:, 0], (vit.cls_token + vit.pos_embed[:, :1]).expand(5, 1, 16)[:, 0])
+    vit.eval()  # evaluation sees every patch
+    assert vit.forward_features(x).shape == (5, 17, 16)
+    with pytest.raises(ValueError, match="patch_dropout must be in"):
+        create_backbone("vit_tiny", image_size=16, patch_size=4, patch_dropout=1.0)

@@ -30,6 +30,11 @@ def _tiny_objective(name):
     cls = objective_class(name)
     if name == "align":  # heads on frozen embeddings: no tower
         return cls({}, objective_config_class(name)(image_dim=12, text_dim=8, out_dim=6, hidden_dim=16))
+    if name == "clip":  # two towers and two projections
+        from models import create_backbone
+
+        text = create_backbone("text_tiny", vocab_size=50, context_length=6, width=16, depth=1, heads=2, eot_id=2)
+        return create_objective(name, {"image": _tiny_backbone(), "text": text}, embed_dim=8)
     if cls.pretraining:
         return create_objective(name, _tiny_backbone(), proj_hidden=32, proj_dim=16)
     cfg = objective_config_class(name)(num_classes=3)
@@ -48,8 +53,8 @@ IMAGE_OBJECTIVES = [n for n in list_objectives() if objective_class(n).towers ==
 
 def test_every_objective_is_covered_here():
     """Image objectives train one step below; the others have their own tests (align here, the
-    two-tower test objective in test_core.py)."""
-    assert set(list_objectives()) - set(IMAGE_OBJECTIVES) <= {"align", "two_tower_test"}
+    two-tower test objective in test_core.py, clip in test_clip.py)."""
+    assert set(list_objectives()) - set(IMAGE_OBJECTIVES) <= {"align", "two_tower_test", "clip"}
 
 
 @pytest.mark.parametrize("name", IMAGE_OBJECTIVES)
@@ -111,7 +116,7 @@ def test_byol_loss_value_matches_formula():
 
 
 def test_unknown_objective_and_option():
-    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: align, byol, distill, simclr"):
+    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: align, byol, clip, distill, simclr"):
         create_objective("simclrr", _tiny_backbone())
     with pytest.raises(TypeError, match="objective 'simclr' has no option 'bogus'"):
         create_objective("simclr", _tiny_backbone(), bogus=1)

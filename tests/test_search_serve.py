@@ -29,7 +29,7 @@ def mnist_index(tmp_path_factory):
     """mnist5k train (pixel embeddings), heads aligned on 600 captions, a flat index with the heads."""
     from eval_probes.search.align import AlignConfig
     from pretrain.align import align_embeddings
-    from eval_probes.search.captions import caption_dataset, write_captions
+    from data.captions import caption_dataset, write_captions
     from eval_probes.search.embed import embed_dataset
     from eval_probes.search.index import build_index
 

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from data import build_dataset  # noqa: E402
 from eval_probes.search import SearchError  # noqa: E402
-from eval_probes.search.captions import (CaptionError, caption_dataset, digit_attributes, digit_queries,  # noqa: E402
+from data.captions import (CaptionError, caption_dataset, digit_attributes, digit_queries,  # noqa: E402
                                          get_captioner, read_captions, skeletonize, write_captions)
 
 

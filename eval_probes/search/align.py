@@ -310,7 +310,7 @@ _PAIRS_CACHE: dict = {}
 def _embedded_pairs(emb_dir: str, captions_path: str, text_encoder: str):
     """(image embeddings [n, D], caption embeddings [n, T], caption ids [n], encoder name), read and
     embedded once per process for the same files (the train and val splits share them)."""
-    from .captions import read_captions
+    from data.captions import read_captions
     from .embed import EmbeddingStore
 
     key = (emb_dir, captions_path, text_encoder, Path(captions_path).stat().st_mtime_ns)

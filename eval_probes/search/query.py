@@ -227,7 +227,7 @@ def embedding_queries(store, rare_fraction: float = 0.05) -> tuple[list, str, st
     """
     import data as data_lib
 
-    from .captions import DIGIT_DATASETS, digit_queries
+    from data.captions import DIGIT_DATASETS, digit_queries
 
     spec, split = store.meta["data"].get("spec"), store.meta["data"].get("split", "train")
     if spec not in DIGIT_DATASETS:

@@ -131,7 +131,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_caption(args) -> int:
     import data as data_lib
-    from eval_probes.search.captions import caption_dataset, write_captions
+    from data.captions import caption_dataset, write_captions
 
     ds = data_lib.build_dataset(args.data, args.split)
     t0 = time.time()
@@ -301,7 +301,7 @@ def _add_index_parsers(ss) -> None:
 
 
 def _add_text_parsers(ss) -> None:
-    from eval_probes.search.captions import list_captioners
+    from data.captions import list_captioners
     from eval_probes.search.text import list_text_encoders
 
     c = _command(ss, "caption", _cmd_caption,

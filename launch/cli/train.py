@@ -58,6 +58,12 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    if args.format == "open_clip":
+        from pretrain.export_open_clip import export_open_clip
+
+        out = export_open_clip(args.run, args.out, args.step)
+        print(f"wrote {out} (load it with open_clip.create_model('local-dir:{out}'))")
+        return 0
     from pretrain.export import export_weights
 
     out = export_weights(args.run, args.step, args.out)
@@ -67,6 +73,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_list(args) -> int:
     from data import list_datasets, list_tokenizers
+    from data.pairs import list_pair_sources
     from models import list_backbones
     from pretrain.batches import SCHEMAS
     from pretrain.engines import ENGINES
@@ -76,6 +83,7 @@ def _cmd_list(args) -> int:
                                    for n in list_objectives()))
     print("backbones: ", ", ".join(list_backbones()))
     print("datasets:  ", ", ".join(list_datasets()))
+    print("pairs:     ", ", ".join(list_pair_sources()), "(join with +: tuxpaint+mnist5k_captions)")
     print("engines:   ", ", ".join(ENGINES.names()))
     print("batches:   ", ", ".join(SCHEMAS.names()))
     print("tokenizers:", ", ".join(list_tokenizers()))
@@ -110,7 +118,11 @@ def add_parsers(sub) -> None:
                                        "weights.safetensors")
     ex.add_argument("--run", required=True, metavar="RUN_DIR")
     ex.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    ex.add_argument("--out", help="output file (default: RUN_DIR/weights.safetensors)")
+    ex.add_argument("--out", help="output file (default: RUN_DIR/weights.safetensors), or folder with "
+                                  "--format open_clip (default: RUN_DIR/open_clip)")
+    ex.add_argument("--format", default="safetensors", choices=["safetensors", "open_clip"],
+                    help="safetensors (this project's weights file) or open_clip (a clip run with a ViT image "
+                         "tower: open_clip_config.json + open_clip_model.safetensors)")
     ex.set_defaults(fn=_cmd_export)
 
     ls = sub.add_parser("list", help="list objectives, backbones, datasets and recipes")

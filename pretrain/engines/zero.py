@@ -193,7 +193,10 @@ class DeepSpeedEngine(Engine):
                     p.copy_(fn(p))
                     continue
                 new = fn(master.float()).to(master.dtype)
-                safe_set_full_fp32_param(p, new)
+                if hasattr(p, "ds_id"):
+                    _set_zero3_fp32_partition(p, new)
+                else:
+                    safe_set_full_fp32_param(p, new)
                 p.copy_(new.to(p.dtype))
 
     def save(self, directory, client_state: dict) -> None:
@@ -219,6 +222,20 @@ class DeepSpeedEngine(Engine):
 
 
 @torch.no_grad()
+def _set_zero3_fp32_partition(param, value: torch.Tensor) -> None:
+    """Write this rank's slice of ``value`` into ZeRO-3's fp32 partition of ``param``. DeepSpeed's
+    ``safe_set_full_fp32_param`` slices past the end of a tensor smaller than the world (a [1]
+    parameter on 2 ranks: rank 1 holds only padding) and fails; a partition past the end keeps
+    its padding here."""
+    opt = param._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    n = part.numel()
+    piece = value.flatten()[n * opt._get_param_partition_rank(param):][:n]
+    part.data[:piece.numel()].copy_(piece)
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)
+
+
 def _zero3_ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """``target <- momentum * target + (1 - momentum) * online`` on ZeRO-3 partitioned parameters.
 
@@ -282,8 +299,8 @@ def build_deepspeed(cfg, objective: nn.Module, optimizer, schedule, layout, chan
     ds_cfg = ds_config(cfg.deepspeed.config, stage, cfg.batch_size, cfg.optim.grad_accum, layout.dp,
                        cfg.optim.grad_clip)
     stage = zero_stage_of(ds_cfg)
-    if stage >= 1 and cfg.optim.name == "lars":
-        raise DeepSpeedConfigError(f"optim.name=lars computes a trust ratio per layer, but ZeRO stage {stage} hands "
-                                   f"the optimizer flattened partitions; use deepspeed.zero_stage=0, or "
-                                   f"optim.name=sgd|adamw")
+    if stage >= 1 and cfg.optim.name in ("lars", "lamb"):
+        raise DeepSpeedConfigError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but ZeRO stage "
+                                   f"{stage} hands the optimizer flattened partitions; use deepspeed.zero_stage=0, "
+                                   f"or optim.name=sgd|adamw")
     return DeepSpeedEngine(objective, optimizer, schedule, ds_cfg, cfg.precision, layout=layout)

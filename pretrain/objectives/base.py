@@ -52,6 +52,10 @@ class Objective(nn.Module):
     # the main stream of batches draws with seed + stream_seed_offset (a labelled stream with seed)
     stream_seed_offset: int = 0
     eval_split: str | None = None
+    # whether forward() supports gradient caching (``grad_chunks``, :mod:`pretrain.gradcache`): a
+    # contrastive loss over the batch, each tower's forward run through :meth:`encode_chunked`
+    supports_grad_chunks: bool = False
+    grad_chunks: int = 1  # set by the loop from the run's ``grad_chunks``
 
     def __init__(self, towers):
         super().__init__()
@@ -64,6 +68,13 @@ class Objective(nn.Module):
             if name not in TOWER_ATTRS:
                 raise ValueError(f"unknown tower '{name}'; valid towers: {', '.join(TOWER_ATTRS)}")
             setattr(self, TOWER_ATTRS[name], module)
+
+    def encode_chunked(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``fn(x)``, in ``grad_chunks`` chunks with gradient caching while training (the
+        gradient is the one-pass gradient; activation memory is one chunk's)."""
+        from ..gradcache import encode_in_chunks
+
+        return encode_in_chunks(fn, x, self.grad_chunks if self.training else 1, self)
 
     def tower(self, name: str) -> nn.Module:
         """The encoder of tower ``name`` (``image``, ``text``, ``audio``, ``video``)."""

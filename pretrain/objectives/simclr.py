@@ -9,6 +9,7 @@ import torch
 from losses import nt_xent_loss
 from models import MLPHead
 
+from ..config import ConfigError
 from .base import Objective, register_objective
 
 
@@ -18,6 +19,9 @@ class SimclrConfig:
     proj_dim: int = 128
     proj_layers: int = 3  # SimCLRv2's deeper head (SimCLR v1 used 2)
     temperature: float = 0.2
+    # the projector's norm layers: bn (SimCLR's, statistics over the global batch), ln or none (no
+    # batch statistics: a step in gradient-caching chunks then has exactly the one-pass gradient)
+    head_norm: str = "bn"
 
 
 @register_objective("simclr", SimclrConfig)
@@ -25,17 +29,20 @@ class SimCLR(Objective):
     """Contrast two views of each image against every other image of the (global) batch."""
 
     view_recipe = "simclr"
+    supports_grad_chunks = True
 
     def __init__(self, towers, cfg: SimclrConfig):
         super().__init__(towers)
         self.cfg = cfg
+        if cfg.head_norm not in ("bn", "ln", "none"):
+            raise ConfigError(f"config key 'simclr.head_norm': expected bn, ln or none, got {cfg.head_norm!r}")
         hidden = cfg.proj_hidden or self.backbone.embed_dim
         self.projector = MLPHead(self.backbone.embed_dim, hidden, cfg.proj_dim, num_layers=cfg.proj_layers,
-                                 norm="bn", last_norm=True)
+                                 norm=cfg.head_norm, last_norm=cfg.head_norm != "none")
 
     def forward(self, batch: dict) -> dict:
         v1, v2 = batch["views"][:2]
         n = v1.shape[0]
-        z = self.projector(self.backbone.forward_pooled(torch.cat([v1, v2]))).float()
+        z = self.encode_chunked(lambda x: self.projector(self.backbone.forward_pooled(x)), torch.cat([v1, v2])).float()
         loss = nt_xent_loss(z[:n], z[n:], temperature=self.cfg.temperature)
         return {"loss": loss}
