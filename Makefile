@@ -6,9 +6,10 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: install demo test bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps 'qtawesome>=1.3'  # its icon fonts only (data=icons); not Qt
 	touch $(STAMP)
 
 install: $(STAMP)

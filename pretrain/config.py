@@ -153,6 +153,13 @@ class RunConfig:
     # gradient caching (BASIC): each contrastive step's per-process batch in this many chunks, one
     # chunk's activations in memory at a time, the same gradient as one pass (pretrain.gradcache)
     grad_chunks: int = 1
+    # objectives that evaluate: the data whose evaluation split they measure ("" = data's), e.g. a
+    # source the model never trains on (data=tuxpaint+icons eval_data=mnist5k_captions)
+    eval_data: str = ""
+    # image-text pairs: hold this fraction of each source's train split out as split "val" (fixed,
+    # whatever the seed); eval_split=val then evaluates there, to choose settings without the test split
+    holdout: float = 0.0
+    eval_split: str = ""  # "" = the objective's own (test) | val | test
     eval_every: int = 0  # objectives that evaluate (Objective.eval_split): every N steps; 0 = only at the end
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -179,6 +186,7 @@ CHOICES = {
     "simclr.head_norm": ("bn", "ln", "none"),
     "optim.name": ("sgd", "adamw", "lars", "lamb"),
     "aug.views": ("", "byol", "simclr", "light"),
+    "eval_split": ("", "test", "val"),
 }
 
 
@@ -226,6 +234,10 @@ def check_values(cfg: RunConfig) -> None:
     if not 1 <= cfg.grad_chunks <= max(cfg.batch_size, 1):
         raise ConfigError(f"config key 'grad_chunks': expected an integer from 1 (off) to batch_size "
                           f"({cfg.batch_size}), got {cfg.grad_chunks}")
+    if not 0.0 <= cfg.holdout < 1.0:
+        raise ConfigError(f"config key 'holdout': expected a fraction in [0, 1), got {cfg.holdout}")
+    if cfg.eval_split == "val" and cfg.holdout <= 0:
+        raise ConfigError("config key 'eval_split': 'val' needs a held-out part of the train split (holdout=0.1, say)")
     if cfg.eval_every < 0:
         raise ConfigError(f"config key 'eval_every': expected an integer >= 0 (0 = off), got {cfg.eval_every}")
 

@@ -21,11 +21,19 @@ def run_encoder(run_dir, image_size=None) -> LoadedEncoder:
     """A run of this project as a frozen encoder: ``embed(uint8 [B, C, H, W]) -> [B, D]`` (the
     objective's ``embed``), at the run's image size unless ``image_size`` is given.
 
+    An image-text run (an objective with ``encode_image`` and ``encode_text``: ``clip``) embeds
+    images into its joint space instead, and also text (``embed_text``, through the run's own
+    tokenizer and text tower), so that its embeddings answer text queries without alignment heads.
+
     Raises:
         PathNotFoundError: If ``run_dir`` does not exist or has no ``weights.safetensors``.
     """
+    from data.tokenize import create_tokenizer
+
+    from .batches import schema_of
     from .engines import autocast_context
     from .loop import uses_channels_last
+    from .objectives import objective_class
     from .probe import load_run, read_run_config
 
     run = Path(run_dir)
@@ -34,21 +42,30 @@ def run_encoder(run_dir, image_size=None) -> LoadedEncoder:
     if not (run / "weights.safetensors").is_file():
         raise PathNotFoundError(f"'{run}' has no weights.safetensors (finish the run or 'pretrain export' it)")
     cfg = read_run_config(run)
-    info = data_lib.build_dataset(cfg.data, "test", image_size=cfg.image_size or None).info
+    info = schema_of(objective_class(cfg.objective)).dataset(cfg, "test").info
     cfg, model = load_run(run, cfg, info)
     model.eval()
     size = int(image_size or cfg.image_size or info.image_size)
     mean, std = tuple(info.mean), tuple(info.std)
     channels_last = uses_channels_last(cfg, info.channels)
+    joint = hasattr(model, "encode_image") and hasattr(model, "encode_text")
 
     def embed(images):
         x = prepare_images(images, size, info.channels, mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast_context(cfg.precision):
-            return model.embed({"image": x}).float()
+            return (model.encode_image(x) if joint else model.embed({"image": x})).float()
 
-    return LoadedEncoder(embed, size, (mean, std))
+    embed_text = None
+    if joint:
+        tokenizer = create_tokenizer(cfg.tokenizer.name, cfg.tokenizer.context_length)
+
+        def embed_text(texts):
+            with torch.no_grad(), autocast_context(cfg.precision):
+                return model.encode_text(tokenizer(list(texts))).float()
+
+    return LoadedEncoder(embed, size, (mean, std), embed_text)
 
 
 def register_run_encoder() -> None:

@@ -1,6 +1,8 @@
 """The training loop. It never branches per objective nor per engine."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import time
@@ -202,7 +204,9 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         labelled = data_lib.labelled_split(train_ds, cfg.labels, cfg.label_seed)
     images = labelled if objective.labelled_only else train_ds  # what the main stream draws from
     objective.on_data(images)
-    eval_ds = schema.dataset(cfg, objective.eval_split) if objective.eval_split else None
+    eval_cfg = dataclasses.replace(cfg, data=cfg.eval_data) if cfg.eval_data else cfg
+    eval_split = (cfg.eval_split or objective.eval_split) if objective.eval_split else None
+    eval_ds = schema.dataset(eval_cfg, eval_split) if eval_split else None
     channels_last = uses_channels_last(cfg, info.channels)
     engine = make_engine(cfg, objective, layout, channels_last=channels_last)
     accum = cfg.optim.grad_accum
@@ -264,7 +268,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         with autocast_context(cfg.precision):
             res = objective.evaluate(batches, final=final)
         engine.train()
-        return {f"{objective.eval_split}_{k}": float(v) for k, v in res.items()}
+        return {f"{eval_split}_{k}": float(v) for k, v in res.items()}
 
     from tqdm.auto import tqdm
 

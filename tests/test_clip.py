@@ -106,6 +106,16 @@ def test_locked_tower_is_not_trained_and_param_groups_scale_each_tower():
     assert {id(model.logit_scale), id(model.image_proj.weight)} <= in_groups
     model.train()
     assert not model.backbone.training and model.text_tower.training
+    # a locked tower's outputs are cached: the same captions are encoded once, with the same result
+    model.eval()
+    batch = _batch(4)
+    calls, pooled = [], model.backbone.forward_pooled
+    model.backbone.forward_pooled = lambda x: calls.append(len(x)) or pooled(x)
+    first = model.encode_image(batch["image"])
+    again = model.encode_image(torch.cat([batch["image"], batch["image"][:1]]))
+    assert calls == [4] and torch.equal(again[:4], first) and torch.equal(again[4], first[0])
+    with torch.no_grad():
+        torch.testing.assert_close(first, model.image_proj(pooled(batch["image"])))
     # both locked (the LiT-style baseline on frozen encoders): the projections and the scale train
     both = create_objective("clip", _towers(), embed_dim=8, lock_image=True, lock_text=True)
     names = {g["name"] for g in both.param_groups()}
@@ -277,8 +287,14 @@ def _losses(run):
             if "loss" in json.loads(ln)]
 
 
-def test_clip_trains_evaluates_and_resumes_exactly(tmp_path):
-    run = fit(load_config(None, [*TINY, "max_steps=60", f"run_dir={tmp_path / 'a'}"]))
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """60 steps of the tiny CLIP on mnist5k's captioned digits."""
+    return fit(load_config(None, [*TINY, "max_steps=60", f"run_dir={tmp_path_factory.mktemp('clip') / 'a'}"]))
+
+
+def test_clip_trains_evaluates_and_resumes_exactly(tmp_path, trained_run):
+    run = trained_run
     losses = _losses(run)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
     summary = json.loads((run / "train_summary.json").read_text())
@@ -382,3 +398,146 @@ def test_export_to_open_clip_refuses_other_towers(tmp_path):
     with pytest.raises(ExportFormatError, match="exports clip runs.*'simclr'"):
         export_open_clip(run)
     assert not (run / "open_clip").exists()
+
+
+def test_a_clip_run_is_a_search_encoder_for_text_queries(tmp_path, trained_run):
+    """pretrain embed --run CLIP_RUN, then text queries through the run's own text tower: no align step."""
+    import subprocess
+    import sys
+
+    from data.captions import DIGIT_WORDS
+    from eval_probes.search.index import SearchIndex
+    from eval_probes.search.query import text_query_vector
+    from pretrain.encoders import run_encoder
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "launch", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    cli("embed", "--run", str(trained_run), "--data", "mnist5k", "--split", "test", "--dtype", "float32",
+        "--out", str(tmp_path / "emb"), "--quiet")
+    cli("search", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--quiet")
+    out = json.loads(cli("search", "query", "--index", str(tmp_path / "idx"), "--text", "the digit seven.",
+                         "-k", "5", "--json"))
+    assert len(out["results"]) == 5
+    idx = SearchIndex.load(tmp_path / "idx")
+    enc = run_encoder(trained_run)
+    # the query is the run's own normalised text embedding, the index holds its joint-space image embeddings
+    want = F.normalize(enc.embed_text(["the digit seven."]), dim=1).numpy()
+    np.testing.assert_allclose(text_query_vector(idx, "the digit seven."), want, atol=1e-5)
+    ds = data_lib.build_dataset("mnist5k", "test")
+    first = F.normalize(enc.embed(ds[int(idx.row_ids[0])]["image"][None]), dim=1).numpy()
+    np.testing.assert_allclose(idx.vectors([int(idx.row_ids[0])]), first, atol=1e-4)
+    # and the text tower finds digits: precision@20 of "the digit <name>." over the ten digits
+    labels = np.asarray(ds.labels)
+    hits = []
+    for d, name in enumerate(DIGIT_WORDS):
+        scores, ids = idx.search(text_query_vector(idx, f"the digit {name}."), 20)
+        hits.append(float(np.mean(labels[np.asarray(ids[0])] == d)))
+    assert np.mean(hits) > 0.2, hits  # chance 0.1
+
+
+def test_icons_are_rendered_glyphs_captioned_by_their_names():
+    from data.pairs import icon_caption
+
+    train, test = build_pairs("icons", "train"), build_pairs("icons", "test")
+    assert len(train) + len(test) > 7000 and len(test) > 1000  # about 7,400 Material Design icons, 80/20
+    src = train.info.extra["sources"][0]
+    assert src["name"] == "icons" and len(src["classes"]) >= 20
+    assert {"account", "arrow", "battery"} <= set(train.info.class_names)
+    item = train[0]
+    img = item["image"].float()
+    assert item["image"].shape == (3, 32, 32) and img.min() < 50 and img.max() > 250  # a black glyph on white
+    assert item["text"][0] == icon_caption(item["text"][0].replace(" ", "-")) and len(item["text"]) == 2
+    assert icon_caption("guitar-acoustic") == "guitar acoustic"
+    names = {t for i in range(len(test)) for t in test.texts(i)}
+    assert not names & {t for i in range(len(train)) for t in train.texts(i)}  # no icon in both splits
+    with pytest.raises(data_lib.DataError, match="no Material Design Icons font"):
+        build_pairs("icons:/tmp", "train")
+
+
+def test_shard_pattern_braces():
+    from data.pairs import expand_braces
+
+    assert expand_braces("a/{000..002}.tar") == ["a/000.tar", "a/001.tar", "a/002.tar"]
+    assert expand_braces("{x,y}-{8..10}") == ["x-8", "x-9", "x-10", "y-8", "y-9", "y-10"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(data_lib.DataError, match="needs two integers"):
+        expand_braces("{a..b}.tar")
+
+
+def test_pairs_round_trip_through_webdataset_shards(tmp_path):
+    """pretrain shards writes img2dataset-style tars; data=wds:PATTERN reads the same pairs back."""
+    import subprocess
+    import sys
+    import tarfile
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rows = []
+    for i in range(12):
+        _png(imgs / f"{i}.png", color=(20 * i, 100, 200 - 10 * i))
+        rows.append({"image": f"imgs/{i}.png", "text": [f"picture number {i}", f"image {i}"],
+                     "split": "test" if i % 4 == 0 else "train"})
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    r = subprocess.run([sys.executable, "-m", "launch", "shards", "--data", f"pairs:{tmp_path / 'p.jsonl'}", "--out",
+                        str(tmp_path / "sh"), "--shard-size", "5", "--image-size", "16", "--quiet"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "sh").iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]
+    pattern = f"{tmp_path / 'sh'}/{{00000..00002}}.tar"
+    assert f"data=wds:{pattern}" in r.stdout
+    for split in ("train", "test"):
+        src = build_pairs(f"pairs:{tmp_path / 'p.jsonl'}", split, image_size=16)
+        got = build_pairs(f"wds:{pattern}", split, image_size=16)
+        assert len(got) == len(src) == (9 if split == "train" else 3)
+        for i in range(len(src)):
+            assert got[i]["text"] == src[i]["text"]
+            assert torch.equal(got[i]["image"], src[i]["image"])
+            assert ".tar:" in got[i]["path"]
+    # a shard with a caption but no image, an image without caption, an empty caption and a corrupt image
+    bad = tmp_path / "bad-0.tar"  # and bad-1.tar is missing
+    with tarfile.open(bad, "w") as tar:
+        for name, payload in [("a.txt", b"only a caption"), ("b.png", (imgs / "1.png").read_bytes()),
+                              ("c.png", (imgs / "2.png").read_bytes()), ("c.txt", b"   "),
+                              ("d.png", b"\x89PNG not really"), ("d.txt", b"a broken image"),
+                              ("e.jpg", (imgs / "3.png").read_bytes()), ("e.txt", b"a good one")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, __import__("io").BytesIO(payload))
+    with pytest.warns(UserWarning) as record:
+        ds = build_pairs(f"wds:{tmp_path}/bad-{{0..1}}.tar", "train", image_size=16)
+    reasons = {reason for _, reason in ds.skipped}
+    assert any("no image" in x for x in reasons) and any("no .txt caption" in x for x in reasons)
+    assert any("empty or missing caption" in x for x in reasons)
+    assert any("does not exist" in x for x in reasons)
+    assert "bad-1.tar" in " ".join(str(w.message) for w in record)
+    items = [ds[i] for i in range(len(ds))]  # the fixed 80/20 split keeps some of d and e in train
+    assert all(("skip" in it and "d.png" in it["skip"]) or it["text"] == ["a good one"] for it in items)
+    with pytest.raises(data_lib.DataError, match="none of its 2 shard"):
+        build_pairs(f"wds:{tmp_path}/nope-{{0..1}}.tar", "train")
+
+
+def test_holdout_moves_a_fixed_part_of_train_into_val():
+    full = build_pairs("mnist5k_captions", "train")
+    train = build_pairs("mnist5k_captions", "train", holdout=0.1)
+    val = build_pairs("mnist5k_captions", "val", holdout=0.1, seed=7)  # the seed does not move it
+    assert len(train) + len(val) == len(full) and len(val) == 400
+    seen = {train[i]["image"].numpy().tobytes() for i in range(len(train))}
+    assert not any(val[i]["image"].numpy().tobytes() in seen for i in range(len(val)))
+    assert val.texts(0) == build_pairs("mnist5k_captions", "val", holdout=0.1).texts(0)
+    with pytest.raises(data_lib.DataError, match="give holdout in"):
+        build_pairs("mnist5k_captions", "val")
+    with pytest.raises(ConfigError, match="'eval_split': 'val' needs"):
+        load_config(None, [*TINY, "eval_split=val"])
+    assert load_config(None, [*TINY, "eval_split=val", "holdout=0.1"]).holdout == 0.1
+
+
+def test_eval_data_measures_a_source_never_trained_on(tmp_path):
+    run = fit(load_config(None, [*TINY, "batch_size=16", "max_steps=1", "eval_data=icons",
+                                 f"run_dir={tmp_path / 'r'}"]))
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert "test_zeroshot_icons_top1" in summary and "test_zeroshot_mnist5k_captions_top1" not in summary
+    assert summary["test_retrieval_images"] == len(build_pairs("icons", "test"))

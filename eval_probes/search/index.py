@@ -433,10 +433,19 @@ class SearchIndex:
 
     @property
     def heads(self):
+        """What embeds text queries into this index's space: the alignment heads it was built with,
+        or, for embeddings of an image-text encoder (a CLIP run), that encoder's text tower; None
+        when text queries are not possible."""
         if self._heads is None and self.meta.get("heads"):
             from .align import AlignmentHeads
 
             self._heads = AlignmentHeads.load(self.meta["heads"])
+        elif self._heads is None and self.meta.get("embeddings"):
+            enc = self.store.meta.get("encoder", {})
+            if enc.get("text"):
+                from .embed import EncoderTextQueries
+
+                self._heads = EncoderTextQueries(enc)
         return self._heads
 
     def embed_raw(self, raw: np.ndarray) -> np.ndarray:

@@ -53,14 +53,16 @@ def image_query_vector(idx, path: str | os.PathLike) -> np.ndarray:
 
 
 def text_query_vector(idx, text: str) -> np.ndarray:
-    """Embed a text query through the index's alignment heads -> ``[1, D]``.
+    """Embed a text query through the index's alignment heads, or the text tower of the CLIP run
+    that made its embeddings -> ``[1, D]``.
 
     Raises:
-        SearchError: If the index holds unaligned image embeddings (no heads).
+        SearchError: If the index holds unaligned image embeddings (no heads, no text tower).
     """
     if idx.heads is None:
         raise SearchError("this index holds unaligned image embeddings; train heads with "
-                          "'pretrain search align' and build the index with --heads")
+                          "'pretrain search align' and build the index with --heads (or embed the images "
+                          "with a CLIP run: pretrain embed --run CLIP_RUN)")
     return np.asarray(idx.heads.text([text]), dtype=np.float32)
 
 

@@ -92,7 +92,7 @@ class SearchService:
 
     @property
     def text_enabled(self) -> bool:
-        return bool(self.index.meta.get("heads"))
+        return self.index.heads is not None
 
     def info(self) -> dict:
         return {"kind": self.index.kind, "count": len(self.index), "dim": self.index.dim,
@@ -145,7 +145,8 @@ class SearchService:
                 raise HttpError(400, f"q is {len(q)} characters long; at most {MAX_QUERY_CHARS} are accepted")
             if not self.text_enabled:
                 raise HttpError(400, "this index holds unaligned image embeddings: text queries need an index "
-                                     "built with 'pretrain search build --heads HEAD_DIR'")
+                                     "built with 'pretrain search build --heads HEAD_DIR', or embeddings of a "
+                                     "CLIP run")
             vec = np.asarray(self.index.heads.text([q]), dtype=np.float32)
             query = {"text": q}
         t0 = time.perf_counter()

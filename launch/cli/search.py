@@ -31,7 +31,7 @@ def _cmd_embed(args) -> int:
     enc = load_encoder(run_dir=args.run, encoder_name=args.encoder, image_size=args.image_size)
     ds = data_lib.build_dataset(args.data, args.split, image_size=enc.image_size)
     meta = embedding_meta(encoder_name=args.encoder, run_dir=args.run, image_size=enc.image_size,
-                          data_spec=args.data, split=args.split)
+                          data_spec=args.data, split=args.split, text=enc.embed_text is not None)
     t0 = time.time()
     store = embed_dataset(enc.embed, ds, args.out, shard_size=args.shard_size, dtype=args.dtype,
                           batch_size=args.batch_size, progress=not args.quiet, meta_extra=meta, limit=args.limit)

@@ -71,6 +71,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_shards(args) -> int:
+    from data.pairs import is_pair_spec, write_pair_shards
+
+    if not is_pair_spec(args.data):
+        from data.pairs import list_pair_sources
+
+        raise CliError(f"--data '{args.data}' is not a pair spec; sources: {', '.join(list_pair_sources())}")
+    out, pattern, n = write_pair_shards(args.data, args.out, args.shard_size, args.image_size,
+                                        progress=not args.quiet)
+    print(f"wrote {n} pairs to {out}; train on them with data=wds:{pattern}")
+    return 0
+
+
 def _cmd_list(args) -> int:
     from data import list_datasets, list_tokenizers
     from data.pairs import list_pair_sources
@@ -124,6 +137,15 @@ def add_parsers(sub) -> None:
                     help="safetensors (this project's weights file) or open_clip (a clip run with a ViT image "
                          "tower: open_clip_config.json + open_clip_model.safetensors)")
     ex.set_defaults(fn=_cmd_export)
+
+    sh = sub.add_parser("shards", help="write image-text pairs (any pair spec) as webdataset tar shards "
+                                       "(img2dataset's layout), for data=wds:PATTERN")
+    sh.add_argument("--data", required=True, metavar="SPEC", help="a pair spec, e.g. tuxpaint+mnist5k_captions")
+    sh.add_argument("--out", required=True, metavar="DIR")
+    sh.add_argument("--shard-size", type=int, default=1000, help="pairs per tar shard")
+    sh.add_argument("--image-size", type=int, default=None, help="side of the stored images (default: the data's)")
+    sh.add_argument("--quiet", action="store_true", help="no progress bar")
+    sh.set_defaults(fn=_cmd_shards)
 
     ls = sub.add_parser("list", help="list objectives, backbones, datasets and recipes")
     ls.set_defaults(fn=_cmd_list)

@@ -19,6 +19,7 @@ templates, one normalised text embedding per class: the mean over templates, re-
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ class ClipConfig:
     image_lr_scale: float = 1.0  # the image tower's LR = lr x this (the heads keep lr)
     text_lr_scale: float = 1.0
     layer_decay: float = 1.0  # per tower: lr x decay ** (num_layers - layer id); 1 = off
+    # a locked tower's pooled output is a function of its input alone: keep each one computed (in
+    # memory, per process) and look it up when the same image or caption comes again
+    cache_locked: bool = True
     templates: tuple[str, ...] = ()  # zero-shot prompts ("a photo of a {}."); empty = each source's own
 
 
@@ -77,6 +81,7 @@ class Clip(Objective):
         for name, locked in (("image", cfg.lock_image), ("text", cfg.lock_text)):
             if locked:
                 self.tower(name).requires_grad_(False)
+        self._frozen: dict[str, dict[bytes, Tensor]] = {"image": {}, "text": {}}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -87,13 +92,30 @@ class Clip(Objective):
 
     # ------------------------------------------------------------------ embeddings
 
+    def pooled(self, name: str, x: Tensor) -> Tensor:
+        """Tower ``name``'s pooled output; from the cache of a locked tower where it has one."""
+        tower = self.tower(name)
+        locked = self.cfg.lock_image if name == "image" else self.cfg.lock_text
+        if not (locked and self.cfg.cache_locked):
+            return tower.forward_pooled(x)
+        cache = self._frozen[name]
+        rows = x.detach().cpu().contiguous()
+        keys = [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in rows]
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        if todo:
+            with torch.no_grad():
+                out = tower.forward_pooled(x[todo]).float().cpu()
+            for i, row in zip(todo, out):
+                cache[keys[i]] = row
+        return torch.stack([cache[k] for k in keys]).to(x.device)
+
     def encode_image(self, image: Tensor) -> Tensor:
         """Joint-space image embeddings [B, embed_dim] (not normalised)."""
-        return self.image_proj(self.tower("image").forward_pooled(image))
+        return self.image_proj(self.pooled("image", image))
 
     def encode_text(self, ids: Tensor) -> Tensor:
         """Joint-space text embeddings [B, embed_dim] (not normalised) of token ids [B, L]."""
-        return self.text_proj(self.tower("text").forward_pooled(ids))
+        return self.text_proj(self.pooled("text", ids))
 
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
@@ -156,7 +178,7 @@ class Clip(Objective):
     @torch.no_grad()
     def embed(self, batch: dict) -> Tensor:
         """Features for probes: the pooled image-tower output (as for every objective)."""
-        return self.tower("image").forward_pooled(batch["image"]).float()
+        return self.pooled("image", batch["image"]).float()
 
     # ------------------------------------------------------------------ evaluation
 
