@@ -312,9 +312,9 @@ def test_clip_trains_evaluates_and_resumes_exactly(tmp_path, trained_run):
 
 
 def test_clip_recipes_load():
-    for name in ("clip_mnist5k", "clip_pairs"):
+    for name in ("clip_mnist5k", "clip_pairs", "clip_pairs_ft", "clip_lit"):
         cfg = load_config(ROOT / "launch" / "recipes" / f"{name}.yaml")
-        assert cfg.objective == "clip" and cfg.tokenizer.name == "clip_bpe"
+        assert cfg.objective == "clip" and cfg.tokenizer.name in ("clip_bpe", "minilm")
 
 
 VIT = ["model.image.backbone=vit_tiny", "model.image.patch_size=4", "model.image.depth=1",
