@@ -102,9 +102,20 @@ class MiniLMText(nn.Module):
         self.vocab_size, self.context_length, self.pad_id = VOCAB, context_length, PAD
         self.embed_dim = self.width = bert.config.hidden_size
 
-    def forward_pooled(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden states ``[B, L, 384]`` (padding positions included)."""
+        self._check(ids)
+        x = ids
+        for layer in self.pipeline_layers()[:-1]:
+            x = layer(x)
+        return x[..., :-1]
+
+    def _check(self, ids: torch.Tensor) -> None:
         if ids.ndim != 2 or ids.shape[1] > self.context_length:
             raise ValueError(f"expected token ids [B, L] with L <= {self.context_length}, got {list(ids.shape)}")
+
+    def forward_pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        self._check(ids)
         for layer in self.pipeline_layers():  # views on this module's parameters (no copies)
             ids = layer(ids)
         return ids

@@ -72,7 +72,7 @@ EXTRA = {"swav": ["swav.proj_hidden=64", "swav.proj_dim=32", "aug.local_size=8",
 
 
 @pytest.mark.parametrize("objective,stage", [("byol", 0), ("byol", 1), ("byol", 2), ("simclr", 0), ("simclr", 1),
-                                             ("simclr", 2), ("swav", 2), ("clip", 0), ("clip", 2), ("clip", 3)])
+                                             ("simclr", 2), ("swav", 2), ("clip", 2), ("clip", 3)])
 def test_two_ranks_match_one_process(tmp_path, reference, objective, stage):
     run = tmp_path / "ds"
     # under ZeRO-3 CLIP also caches gradients: each rank's 16 rows in 4 chunks, still the global loss
