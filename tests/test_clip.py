@@ -541,3 +541,72 @@ def test_eval_data_measures_a_source_never_trained_on(tmp_path):
     summary = json.loads((run / "train_summary.json").read_text())
     assert "test_zeroshot_icons_top1" in summary and "test_zeroshot_mnist5k_captions_top1" not in summary
     assert summary["test_retrieval_images"] == len(build_pairs("icons", "test"))
+
+
+def _clipart(root, rel, title, creator="Jane Doe", keywords=(), svg=True):
+    png = root / "png" / rel
+    png.parent.mkdir(parents=True, exist_ok=True)
+    _png(png)
+    if svg:
+        path = (root / "svg" / rel).with_suffix(".svg")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lis = "".join(f"<rdf:li>{k}</rdf:li>" for k in keywords)
+        path.write_text(f'<svg xmlns:cc="x" xmlns:dc="y" xmlns:rdf="z"><metadata><rdf:RDF><cc:Work rdf:about="">'
+                        f'<dc:title>{title}</dc:title><dc:subject><rdf:Bag>{lis}</rdf:Bag></dc:subject>'
+                        f'<dc:creator><cc:Agent><dc:title>{creator}</dc:title></cc:Agent></dc:creator>'
+                        f'</cc:Work></rdf:RDF></metadata></svg>')
+
+
+def test_openclipart_titles_are_filtered_with_file_names_as_fallback(tmp_path, monkeypatch):
+    import data.pairs as pairs
+
+    words = tmp_path / "words"
+    words.write_text("\n".join("green frog animal amphibian folder open printer trash cat sleeping star "
+                               "bird red fish tool hammer".split()))
+    monkeypatch.setattr(pairs, "ENGLISH_WORDS", str(words))
+    monkeypatch.setattr(pairs, "OPENCLIPART_MAX_PER_CAPTION", 2)
+    monkeypatch.setattr(pairs, "OPENCLIPART_MIN_CLASS", 2)
+    root = tmp_path / "oca"
+    _clipart(root, "animals/frog_jane_doe_01.png", "Green Frog", keywords=["animal", "amphibian", "jane", "hash"])
+    for stem in ("folder_open", "printer", "trash3", "folder_open_2", "cat", "red"):  # a collection's title
+        _clipart(root, f"computer/icons/{stem}.png", "Lemon SVG theme")
+    _clipart(root, "animals/rana_verde_mario_01.png", "Rana verde", creator="Mario Rossi")  # not English
+    _clipart(root, "animals/cat_sleeping.png", "Jane Doe")  # the author's name as title
+    _clipart(root, "animals/red_bird.png", "", svg=False)  # no SVG beside it
+    for i in range(3):
+        _clipart(root, f"shapes/star_{i}4pt0{i}step.png", "gramastar")
+    _clipart(root, "tools/hammer_&amp;.png", "Hammer &amp; Tool")
+    train, test = build_pairs(f"openclipart:{root}", "train"), build_pairs(f"openclipart:{root}", "test")
+    texts = {tuple(train.texts(i)) for i in range(len(train))} | {tuple(test.texts(i)) for i in range(len(test))}
+    assert ("green frog", "green frog, animal, amphibian") in texts  # title + keywords, author and 'hash' dropped
+    assert {("folder open",), ("printer",), ("trash",), ("cat",), ("red",), ("cat sleeping",), ("red bird",),
+            ("hammer tool",)} <= texts
+    assert sum(t == ("star",) for t in texts) <= 1 and len(texts) == 10  # a set: "folder open" x2, "star" x2
+    skipped = dict((n.split(" (")[0].rsplit("/", 1)[-1], r) for n, r in train.skipped)
+    assert skipped["rana_verde_mario_01.png"] == "no English title or file name"
+    assert "share the caption" in next(r for n, r in skipped.items() if n.startswith("star_"))
+    assert len(train) + len(test) == 12 and len(train.skipped) == 2
+    assert train.info.class_names == ["animal", "computer icon", "shape"]  # 'tools' has one image
+    with pytest.raises(data_lib.DataError, match="openclipart-png openclipart-svg"):
+        build_pairs(f"openclipart:{tmp_path}", "train")
+    monkeypatch.setattr(pairs, "ENGLISH_WORDS", str(tmp_path / "none"))
+    _clipart(tmp_path / "other", "animals/cat.png", "Cat")
+    with pytest.raises(data_lib.DataError, match="wamerican"):
+        build_pairs(f"openclipart:{tmp_path / 'other'}", "train")
+
+
+needs_openclipart = pytest.mark.skipif(not os.path.isdir("/usr/share/openclipart/svg"),
+                                       reason="apt-get install openclipart-png openclipart-svg wamerican (.ci/run does)")
+
+
+@needs_openclipart
+def test_openclipart_package_gives_english_captions_and_zero_shot_classes():
+    train, test = build_pairs("openclipart", "train"), build_pairs("openclipart", "test")
+    assert len(train) > 3000 and len(test) > 700  # about 4,000 of the 8,121 PNGs have an English caption
+    assert {"animal", "food", "sign or symbol", "vehicle or road sign"} <= set(train.info.class_names)
+    captions = [train.texts(i)[0] for i in range(len(train))] + [test.texts(i)[0] for i in range(len(test))]
+    assert max(captions.count(c) for c in set(captions)) <= 20 and "emperor penguin" in captions
+    assert not any("lemon svg theme" in c or "flat icon collection" in c for c in captions)
+    i = next(i for i in range(len(test)) if test.texts(i)[0] == test.texts(i)[0] and test.labels[i] >= 0)
+    item = test[i]
+    assert item["image"].shape == (3, 64, 64) and item["path"].startswith("/usr/share/openclipart/png/")
