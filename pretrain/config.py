@@ -136,7 +136,7 @@ class RunConfig:
     batch_size: int = 256  # per process (micro batch)
     max_steps: int = 1000
     seed: int = 0
-    precision: str = "bf16"  # fp32 | bf16 (autocast)
+    precision: str = "auto"  # auto (bf16 where its kernels are native, else fp32) | fp32 | bf16 (autocast)
     engine: str = "plain"  # plain | deepspeed
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
@@ -177,7 +177,7 @@ class RunConfig:
 
 
 CHOICES = {
-    "precision": ("fp32", "bf16"),
+    "precision": ("auto", "fp32", "bf16"),
     "engine": ("plain", "deepspeed"),
     "deepspeed.zero_stage": (-1, 0, 1, 2, 3),
     "model.image.stem": ("", "cifar", "imagenet"),
@@ -208,6 +208,9 @@ def build_config(values: dict) -> RunConfig:
     obj_sections = {k: values.pop(k) for k in list(values) if k in objective_names}
     fill(cfg, values, "", CHOICES)
     check_values(cfg)
+    from .engines.base import resolve_precision
+
+    cfg.precision = resolve_precision(cfg.precision)  # the run's config.yaml records what it ran in
     if cfg.objective in objective_names and cfg.grad_chunks > 1 \
             and not objective_class(cfg.objective).supports_grad_chunks:
         able = [n for n in objective_names if objective_class(n).supports_grad_chunks]

@@ -21,7 +21,7 @@ def test_defaults_and_overrides(tmp_path):
     (["byol.proj_dimm=3"], "unknown config key 'byol.proj_dimm'"),
     (["objective=byl"], "unknown objective 'byl' (did you mean 'byol'?); valid objectives: byol, clip, simclr"),
     (["max_steps=abc"], "config key 'max_steps': expected int, got 'abc'"),
-    (["precision=fp16"], "config key 'precision': unknown value 'fp16'; valid: 'fp32', 'bf16'"),
+    (["precision=fp16"], "config key 'precision': unknown value 'fp16'; valid: 'auto', 'fp32', 'bf16'"),
     (["nokeyvalue"], "not of the form key=value"),
 ])
 def test_errors_name_the_key(override, needle):
@@ -43,3 +43,24 @@ def test_roundtrip(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     cfg2 = build_config(yaml.safe_load((tmp_path / "c.yaml").read_text()))
     assert to_dict(cfg2) == to_dict(cfg)
+
+
+def test_precision_auto_resolves_to_what_runs_fast_here(monkeypatch):
+    import torch
+
+    import pretrain.engines.base as base
+
+    assert load_config(None, []).precision == ("bf16" if base.bf16_is_fast() else "fp32")  # the default
+    monkeypatch.setattr(base, "bf16_is_fast", lambda device_type=None: False)
+    cfg = load_config(None, ["precision=auto"])
+    assert cfg.precision == "fp32" and to_dict(cfg)["precision"] == "fp32"  # config.yaml records what ran
+    assert load_config(None, ["precision=bf16"]).precision == "bf16"  # asked for explicitly: kept
+    monkeypatch.setattr(base, "bf16_is_fast", lambda device_type=None: True)
+    assert load_config(None, ["precision=auto"]).precision == "bf16"
+    x = torch.randn(4, 4)
+    with base.autocast_context("auto"):
+        assert (x @ x).dtype == torch.bfloat16
+    with base.autocast_context("fp32"):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(ConfigError, match="'auto', 'fp32', 'bf16'"):
+        load_config(None, ["precision=fp16"])

@@ -24,13 +24,34 @@ class NonFiniteLossError(FloatingPointError):
         self.value = value
 
 
+def bf16_is_fast(device_type: str | None = None) -> bool:
+    """Whether bf16 matmuls are native here: a CUDA device that supports bf16, or a CPU whose oneDNN
+    has bf16 kernels (AVX-512 BF16 / AMX, or AVX-512 where oneDNN converts cheaply). On an AVX2-only
+    CPU bf16 is emulated and 10-200x slower than fp32."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older or oneDNN-less build: judge by the instruction set
+        return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+def resolve_precision(precision: str, device_type: str | None = None) -> str:
+    """``auto`` -> ``bf16`` where bf16 is fast here (:func:`bf16_is_fast`), else ``fp32``; others unchanged."""
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device_type) else "fp32"
+    return precision
+
+
 def autocast_context(precision: str, device_type: str = "cpu"):
     """bf16 autocast when asked (about 4x faster matmuls on CPUs with AVX512-BF16/AMX), else nothing."""
+    precision = resolve_precision(precision, device_type)
     if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision == "fp32":
         return contextlib.nullcontext()
-    raise ValueError(f"unknown precision '{precision}'; valid: fp32, bf16")
+    raise ValueError(f"unknown precision '{precision}'; valid: auto, fp32, bf16")
 
 
 def map_tensors(batch, fn: Callable[[torch.Tensor], torch.Tensor]):
