@@ -497,6 +497,13 @@ def test_pairs_round_trip_through_webdataset_shards(tmp_path):
             assert got[i]["text"] == src[i]["text"]
             assert torch.equal(got[i]["image"], src[i]["image"])
             assert ".tar:" in got[i]["path"]
+    # loader workers forked after the parent opened the shards read their own handles: same pairs
+    loader = torch.utils.data.DataLoader(got, batch_size=2, num_workers=2, collate_fn=list,
+                                         multiprocessing_context="fork")
+    seen = {item["index"]: item for batch in loader for item in batch}
+    assert sorted(seen) == list(range(len(src)))
+    assert all(torch.equal(seen[i]["image"], src[i]["image"]) and seen[i]["text"] == src[i]["text"]
+               for i in range(len(src)))
     # a shard with a caption but no image, an image without caption, an empty caption and a corrupt image
     bad = tmp_path / "bad-0.tar"  # and bad-1.tar is missing
     with tarfile.open(bad, "w") as tar:
