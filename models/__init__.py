@@ -23,6 +23,7 @@ from .efficientnet import EfficientNetLite0
 from .minilm import MiniLMText
 from .heads import MLPHead, WSLinear
 from .ema import ModelEMA, ema_update_, frozen_copy
+from .quantizer import NormEMAQuantizer, spherical_kmeans
 from .layer_ids import layer_ids, num_blocks, num_layers
 
 __all__ = [
@@ -35,7 +36,9 @@ __all__ = [
     "layer_ids",
     "num_blocks",
     "num_layers",
+    "spherical_kmeans",
     "ModelEMA",
+    "NormEMAQuantizer",
     "ResNet",
     "TextTransformer",
     "VisionTransformer",
