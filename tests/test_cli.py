@@ -57,7 +57,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["objective=byl"], ["unknown objective 'byl'", "valid objectives: byol, clip, simclr"]),
+    (["objective=byl"], ["unknown objective 'byl'", "valid objectives: beit_v2, byol, clip, data2vec2, simclr"]),
     (["model.backbone=resnet19"], ["unknown backbone 'resnet19'", "resnet18, resnet34, resnet50"]),
     (["data=mnist"], ["unknown dataset 'mnist'", "mnist5k"]),
     (["max_stepz=3"], ["unknown config key 'max_stepz'", "max_steps"]),

@@ -35,6 +35,15 @@ def _tiny_objective(name):
 
         text = create_backbone("text_tiny", vocab_size=50, context_length=6, width=16, depth=1, heads=2, eot_id=2)
         return create_objective(name, {"image": _tiny_backbone(), "text": text}, embed_dim=8)
+    if name == "data2vec2":  # masked image modelling on a ViT (the learned mask fill: every parameter gets a gradient)
+        from models import create_backbone
+
+        vit = create_backbone("vit_tiny", in_chans=1, image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+        return create_objective(name, vit, clones=2, decoder_depth=1, mask_fill="learned")
+    if name in ("vqkd", "beit_v2"):  # BEiT v2: ViT towers, an in-memory teacher / tokenizer
+        from test_beit_v2 import tiny_objective
+
+        return tiny_objective(name)
     if cls.pretraining:
         return create_objective(name, _tiny_backbone(), proj_hidden=32, proj_dim=16)
     cfg = objective_config_class(name)(num_classes=3)
@@ -66,13 +75,16 @@ def test_every_objective_trains_one_step(name):
     assert len(ids) == len(params), "a parameter appears in two groups"
     trainable = {id(p) for p in obj.parameters() if p.requires_grad}
     assert ids == trainable
-    assert all(p.ndim <= 1 for g in groups if g.get("weight_decay") == 0.0 for p in g["params"])
+    # no decay: biases and norms, and the towers' own exemptions (a ViT's class token and positions)
+    exempt = {id(p) for m in obj.modules() if hasattr(m, "no_weight_decay")
+              for n, p in m.named_parameters() if n in m.no_weight_decay()}
+    assert all(p.ndim <= 1 or id(p) in exempt for g in groups if g.get("weight_decay") == 0.0 for p in g["params"])
     opt = torch.optim.SGD(groups, lr=0.1)
     before = {k: v.clone() for k, v in obj.state_dict().items()}
     out = obj(_batch())
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert all(p.grad is not None for p in obj.backbone.parameters())
+    assert all(p.grad is not None for p in obj.backbone.parameters() if p.requires_grad)  # vqkd never masks
     opt.step()
     obj.on_step_end(0, 10)
     after = obj.state_dict()
@@ -116,7 +128,7 @@ def test_byol_loss_value_matches_formula():
 
 
 def test_unknown_objective_and_option():
-    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: align, byol, clip, distill, simclr"):
+    with pytest.raises(ValueError, match="unknown objective 'simclrr' .*valid objectives: align, beit_v2, byol, clip, data2vec2, distill, simclr"):
         create_objective("simclrr", _tiny_backbone())
     with pytest.raises(TypeError, match="objective 'simclr' has no option 'bogus'"):
         create_objective("simclr", _tiny_backbone(), bogus=1)
