@@ -312,9 +312,12 @@ def test_clip_trains_evaluates_and_resumes_exactly(tmp_path, trained_run):
 
 
 def test_clip_recipes_load():
-    for name in ("clip_mnist5k", "clip_pairs", "clip_pairs_ft", "clip_lit"):
+    for name in ("clip_mnist5k", "clip_pairs", "clip_pairs_ft", "clip_lit", "clip_pairs_minilm"):
         cfg = load_config(ROOT / "launch" / "recipes" / f"{name}.yaml")
         assert cfg.objective == "clip" and cfg.tokenizer.name in ("clip_bpe", "minilm")
+    cfg = load_config(ROOT / "launch" / "recipes" / "clip_pairs_minilm.yaml")
+    assert cfg.objective_config.lock_text and not cfg.objective_config.lock_image
+    assert cfg.model.text.backbone == "minilm_l6" and cfg.model.image.backbone == "resnet18"
 
 
 VIT = ["model.image.backbone=vit_tiny", "model.image.patch_size=4", "model.image.depth=1",
