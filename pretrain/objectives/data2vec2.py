@@ -30,6 +30,8 @@ from models import ema_update_, frozen_copy
 
 from ..config import ConfigError
 from .base import Objective, register_objective
+from .byol import cosine_momentum
+from .vqkd import check_vit, mim_param_groups
 
 LOSSES = ("mse", "smooth_l1")
 MASK_FILLS = ("noise", "learned", "zeros")
@@ -116,8 +118,8 @@ def ema_momentum(step: int, anneal_steps: int, start: float, end: float, schedul
     t = max(step, 0) / anneal_steps
     if schedule == "linear":
         return float(end - (end - start) * (1.0 - t))
-    if schedule == "cosine":
-        return float(end - (end - start) * (math.cos(math.pi * t) + 1.0) / 2.0)
+    if schedule == "cosine":  # BYOL's target-decay schedule, over anneal_steps
+        return cosine_momentum(step, anneal_steps, start, end)
     raise ValueError(f"unknown momentum schedule {schedule!r}; valid: {', '.join(EMA_SCHEDULES)}")
 
 
@@ -207,11 +209,6 @@ class ConvDecoder(nn.Module):
         return self.proj(x.flatten(2).transpose(1, 2))
 
 
-def _is_vit(backbone: nn.Module) -> bool:
-    return (hasattr(backbone, "blocks") and hasattr(backbone, "grid_size") and hasattr(backbone, "mask_token")
-            and all(hasattr(b, "mlp") for b in backbone.blocks))
-
-
 @register_objective("data2vec2", Data2Vec2Config)
 class Data2Vec2(Objective):
     """data2vec 2.0 on images: a ViT student regresses an EMA teacher's contextualised targets at
@@ -228,9 +225,7 @@ class Data2Vec2(Objective):
         check_config(cfg)
         self.cfg = cfg
         vit = self.backbone
-        if not _is_vit(vit):
-            raise ConfigError(f"config key 'model.image.backbone': objective 'data2vec2' needs a ViT image tower "
-                              f"(vit_tiny, vit_small, vit_base), got {type(vit).__name__}")
+        check_vit(vit, "data2vec2")
         depth, dim = len(vit.blocks), vit.embed_dim
         k = cfg.top_k or depth
         if k > depth:
@@ -267,16 +262,9 @@ class Data2Vec2(Objective):
         return [self.backbone, self.decoder]
 
     def param_groups(self) -> list[dict]:
-        """Weights with decay; biases, norms, and the ViT's class token, positions and mask token without."""
-        skip = {f"backbone.{n}" for n in self.backbone.no_weight_decay()} if hasattr(self.backbone,
-                                                                                   "no_weight_decay") else set()
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad or name.startswith("target_backbone."):
-                continue
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-        return [{"params": decay, "name": "decay"},
-                {"params": no_decay, "name": "no_decay", "weight_decay": 0.0, "lars_exclude": True}]
+        """Weights with decay; biases, norms, and the ViT's class token, positions and mask token
+        without (the teacher is frozen, so it is left out)."""
+        return mim_param_groups(self)
 
     # -- the pieces of forward, each testable on its own ----------------------------------------------
 
