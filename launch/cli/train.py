@@ -1,6 +1,7 @@
 """``pretrain fit``, ``probe``, ``demo``, ``export`` and ``list``."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -63,6 +64,16 @@ def _cmd_export(args) -> int:
 
         out = export_open_clip(args.run, args.out, args.step)
         print(f"wrote {out} (load it with open_clip.create_model('local-dir:{out}'))")
+        return 0
+    if args.format == "timm":
+        from pretrain.export_timm import STEM_KEY, export_timm
+
+        out = export_timm(args.run, args.out, args.step)
+        if STEM_KEY in json.loads((out / "config.json").read_text()):
+            how = f"pretrain.export_timm.timm_model_from_export('{out}') (cifar stem: see {STEM_KEY} in config.json)"
+        else:
+            how = f"timm.create_model('local-dir:{out}', pretrained=True)"
+        print(f"wrote {out} (load it with {how})")
         return 0
     from pretrain.export import export_weights
 
@@ -128,14 +139,15 @@ def add_parsers(sub) -> None:
     d.set_defaults(fn=_cmd_demo)
 
     ex = sub.add_parser("export", help="consolidate a checkpoint (plain or any DeepSpeed ZeRO stage) into "
-                                       "weights.safetensors")
+                                       "weights.safetensors, or write a run for open_clip or timm")
     ex.add_argument("--run", required=True, metavar="RUN_DIR")
     ex.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ex.add_argument("--out", help="output file (default: RUN_DIR/weights.safetensors), or folder with "
-                                  "--format open_clip (default: RUN_DIR/open_clip)")
-    ex.add_argument("--format", default="safetensors", choices=["safetensors", "open_clip"],
-                    help="safetensors (this project's weights file) or open_clip (a clip run with a ViT image "
-                         "tower: open_clip_config.json + open_clip_model.safetensors)")
+                                  "--format open_clip / timm (default: RUN_DIR/open_clip, RUN_DIR/timm)")
+    ex.add_argument("--format", default="safetensors", choices=["safetensors", "open_clip", "timm"],
+                    help="safetensors (this project's weights file), open_clip (a clip run with a ViT image "
+                         "tower: open_clip_config.json + open_clip_model.safetensors) or timm (a ViT or ResNet "
+                         "image tower: config.json + model.safetensors for timm.create_model('local-dir:DIR'))")
     ex.set_defaults(fn=_cmd_export)
 
     sh = sub.add_parser("shards", help="write image-text pairs (any pair spec) as webdataset tar shards "
