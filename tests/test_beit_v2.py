@@ -140,6 +140,29 @@ def test_teacher_features_are_pooled_to_the_student_grid():
     assert torch.allclose(adapter(x), want, atol=1e-6)
 
 
+def test_vqkd_evaluate_counts_the_codes_of_held_out_patches():
+    torch.manual_seed(0)
+    model = tiny_vqkd()
+    model.train()
+    model(_views(8))  # k-means initialises the codebook
+    images = [torch.randn(5, 1, 16, 16), torch.randn(3, 1, 16, 16)]
+    before = model.quantizer.codebook.clone()
+    res = model.evaluate([{"image": x} for x in images])
+    assert torch.equal(model.quantizer.codebook, before) and model.training  # no state changed, mode restored
+    model.eval()
+    idx = torch.cat([model.codes(x).reshape(-1) for x in images])
+    p = torch.bincount(idx, minlength=16).double() / idx.numel()
+    nz = p[p > 0]
+    assert res["codes_used"] == len(nz) and res["codebook_usage"] == pytest.approx(len(nz) / 16)
+    assert res["codebook_perplexity"] == pytest.approx(float(torch.exp(-(nz * nz.log()).sum())), rel=1e-6)
+    assert 1.0 <= res["codebook_perplexity"] <= res["codes_used"] + 1e-9
+    with torch.no_grad():
+        x = torch.cat(images)
+        pred = model.decoder(model.quantizer.get_codes(model.codes(x)))
+        ref = reconstruction_loss(pred, model.teacher(x, (4, 4)))
+    assert res["rec_loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
 def test_vqkd_options_are_checked():
     with pytest.raises(ConfigError, match="vqkd.task_layer"):
         tiny_vqkd(task_layer="conv")
@@ -289,6 +312,8 @@ def test_fit_vqkd_then_beit_v2(runs):
     assert {"rec_loss", "commit_loss", "codebook_usage", "codebook_perplexity", "dead_codes",
             "codebook_restarts"} <= set(vq[-1])
     assert vq[-1]["codebook_restarts"] > 0  # codes unused for 3 steps were restarted
+    held_out = json.loads((runs["vqkd"] / "train_summary.json").read_text())
+    assert 1 <= held_out["test_codes_used"] <= 64 and 0 < held_out["test_rec_loss"] < 2
     with safe_open(str(runs["vqkd"] / "weights.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert "quantizer.codebook" in keys and any(k.startswith("encode_task.") for k in keys)

@@ -435,6 +435,7 @@ class Vqkd(TokenizerParts, Objective):
 
     view_recipe = "light"
     num_views = 1
+    eval_split = "test"
 
     @classmethod
     def resolve_config(cls, cfg: VqkdConfig, info) -> VqkdConfig:
@@ -497,6 +498,39 @@ class Vqkd(TokenizerParts, Objective):
         out = {"loss": loss, "rec_loss": rec.detach(), "commit_loss": commit.detach()}
         out.update(self.codebook_stats())
         return out
+
+    @torch.no_grad()
+    def evaluate(self, loader, final: bool = False) -> dict[str, float]:
+        """The tokenizer on the held-out images (no augmentation, the codebook unchanged):
+        ``rec_loss`` (mean 1 - cosine to the teacher's features), ``codes_used`` (codes assigned to
+        at least one patch), ``codebook_usage`` (that over ``num_codes``) and
+        ``codebook_perplexity`` (``exp`` of the entropy of the assignment frequencies: the number of
+        equally used codes that would give the same entropy)."""
+        was_training = self.training
+        self.eval()
+        counts = torch.zeros(self.quantizer.num_codes, dtype=torch.float64)
+        rec_sum, n_patches = 0.0, 0
+        for batch in loader:
+            x = batch["image"]
+            if x.shape[0] == 0:
+                continue
+            grid = patch_grid(self.backbone, x)
+            target = self.teacher(x, grid)
+            z = self.encode(x).float()
+            idx = self.quantizer.lookup(z)
+            pred = self.decoder(self.quantizer.get_codes(idx).to(z.dtype))
+            n = idx.numel()
+            rec_sum += float(reconstruction_loss(pred.float(), target)) * n
+            n_patches += n
+            counts += torch.bincount(idx.reshape(-1).cpu(), minlength=counts.numel()).double()
+        self.train(was_training)
+        if n_patches == 0:
+            return {}
+        p = counts / counts.sum()
+        used = int((counts > 0).sum())
+        return {"rec_loss": rec_sum / n_patches, "codes_used": float(used),
+                "codebook_usage": used / counts.numel(),
+                "codebook_perplexity": float(torch.exp(-torch.special.xlogy(p, p).sum()))}
 
     @torch.no_grad()
     def codebook_stats(self) -> dict[str, float]:
