@@ -55,7 +55,8 @@ def build_tower(model: ModelConfig, name: str, **from_data) -> nn.Module:
 def init_from_run(module: nn.Module, run_dir: str, name: str) -> None:
     """Copy the ``name`` tower of the run in ``run_dir`` (its ``weights.safetensors``, as ``pretrain
     probe`` loads it) into ``module``, which must have the same architecture (EVA-CLIP starts its
-    image tower from a masked-image-modelling run this way)."""
+    image tower from a masked-image-modelling run this way). A grey (1-channel) tower may start a
+    colour one and the reverse: the first convolution is adapted by :func:`_adapt_input_channels`."""
     from pathlib import Path
 
     from .probe import load_run  # the probe module imports the loop, which builds towers
@@ -68,8 +69,9 @@ def init_from_run(module: nn.Module, run_dir: str, name: str) -> None:
     if name not in getattr(model, "towers", ()):
         raise ConfigError(f"config key '{key}': the run '{run_dir}' (objective '{run_cfg.objective}') has no {name} "
                           f"tower; its towers: {', '.join(model.towers)}")
-    source = model.tower(name).state_dict()
     target = module.state_dict()
+    source = {k: _adapt_input_channels(v, target[k].shape) if k in target else v
+              for k, v in model.tower(name).state_dict().items()}
     bad = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in source.items()
            if k in target and v.shape != target[k].shape]
     missing, extra = sorted(set(target) - set(source)), sorted(set(source) - set(target))
@@ -81,6 +83,19 @@ def init_from_run(module: nn.Module, run_dir: str, name: str) -> None:
                                                   f"missing: {', '.join(missing[:3])}" if missing else "",
                                                   f"unexpected: {', '.join(extra[:3])}" if extra else "") if x))
     module.load_state_dict(source)
+
+
+def _adapt_input_channels(weight, shape):
+    """A first convolution's weight ``[O, c, kh, kw]`` for ``C`` input channels where one side is grey
+    (``c == 1`` or ``C == 1``): repeated over the channels and divided by ``C`` (1 -> C), or summed over
+    them (C -> 1), so a grey image repeated to ``C`` channels, or the grey image itself, gives the
+    same output as before. Any other tensor is returned as it is."""
+    if (weight.dim() != 4 or len(shape) != 4 or weight.shape[1] == shape[1] or weight.shape[0] != shape[0]
+            or weight.shape[2:] != tuple(shape[2:]) or 1 not in (weight.shape[1], shape[1])):
+        return weight
+    if weight.shape[1] == 1:
+        return weight.repeat(1, shape[1], 1, 1) / shape[1]
+    return weight.sum(1, keepdim=True)
 
 
 def build_towers(model: ModelConfig, names, sizes: dict[str, dict]) -> dict[str, nn.Module]:

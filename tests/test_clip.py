@@ -354,6 +354,13 @@ def test_image_tower_starts_from_another_run(tmp_path, vit_run):
                                     f"run_dir={tmp_path / 'digits'}"]))
     with pytest.raises(ConfigError, match=r"has no text tower; its towers: image"):
         build_model(load_config(None, [*TINY, f"model.text.init={digits}"]), info)
+    # a grey tower starts a colour one: a grey image repeated to RGB embeds as the grey image did
+    _, grey = load_run(digits)
+    colour = build_model(load_config(None, [*TINY, *VIT, f"model.image.init={digits}"]), info).backbone
+    g = torch.randn(2, 1, 16, 16)
+    assert colour.patch_embed.proj.weight.shape[1] == 3
+    torch.testing.assert_close(colour.patch_embed(g.repeat(1, 3, 1, 1)), grey.backbone.patch_embed(g),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_export_to_open_clip_gives_the_same_embeddings(tmp_path, vit_run):

@@ -13,7 +13,7 @@ Everything here is one objective on the project's ViT: the targets are read with
 teacher's ``blocks[i].mlp`` (the model is not edited), the teacher is averaged through
 ``ema_update_fn`` (replaced by the DeepSpeed engine under ZeRO-3 by an update of the local shards),
 and masks depend only on ``(mask_seed, step, global sample index, clone)``, so N ranks train as one
-process with the global batch. See docs/mim_data2vec2.md.
+process with the global batch. See docs/mim.md.
 """
 from __future__ import annotations
 
