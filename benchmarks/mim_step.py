@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.engines.base import autocast_context, bf16_is_fast
+
 RESULTS = Path(__file__).resolve().parent / "results" / "mim_step.md"
 LR, WEIGHT_DECAY = 1e-3, 0.05
 
@@ -83,10 +85,6 @@ def _engine(obj, precision: str):
 
     opt = build_optimizer(obj.param_groups(), "adamw", LR, WEIGHT_DECAY)
     return PlainEngine(obj, opt, LRSchedule(opt, LR, 1000, 0), precision)
-
-
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 class FixedCodes:
@@ -141,7 +139,7 @@ def _beit_hf(a: dict):
     labels = codes[mask]
 
     def step(i):
-        with _autocast(a["precision"]):
+        with autocast_context(a["precision"]):
             loss = model(pixel_values=images, bool_masked_pos=mask, labels=labels).loss
         loss.backward()
         opt.step()
@@ -176,7 +174,7 @@ def _full_step(a: dict):
     opt = torch.optim.AdamW(vit.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
     def step(i):
-        with _autocast(a["precision"]):
+        with autocast_context(a["precision"]):
             loss = torch.nn.functional.mse_loss(vit.forward_features(images).float(), target)
         loss.backward()
         opt.step()
@@ -222,12 +220,8 @@ def _cpu_model() -> str:
 
 
 def _bf16_kernels() -> str:
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return "unknown"
-    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-    return ", ".join(found) if found else "none (bf16 is emulated: slow on both sides)"
+    """What ``precision=auto`` decides from (:func:`pretrain.engines.base.bf16_is_fast`)."""
+    return "native" if bf16_is_fast("cpu") else "none (bf16 is emulated: slow on both sides)"
 
 
 def _step_cell(r: dict) -> str:

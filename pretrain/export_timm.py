@@ -104,7 +104,7 @@ def _vit_export(vit, run_dir: Path) -> tuple[dict, dict, dict]:
     return model_args, state, pretrained
 
 
-def _resnet_export(net, run_dir: Path, backbone: str) -> tuple[dict, dict, dict, dict | None]:
+def _resnet_export(net, run_dir: Path) -> tuple[dict, dict, dict, dict | None]:
     from models.resnet import ResNet
 
     if not isinstance(net, ResNet):
@@ -173,7 +173,7 @@ def export_timm(run_dir: str | Path, out_dir: str | Path | None = None, step: in
         side = tower.image_size
     else:
         arch = backbone
-        model_args, state, pretrained, adaptation = _resnet_export(tower, run_dir, backbone)
+        model_args, state, pretrained, adaptation = _resnet_export(tower, run_dir)
         side = sizes["image_size"]
     in_chans = model_args["in_chans"]
     mean, std = [float(m) for m in sizes["data_mean"]], [float(s) for s in sizes["data_std"]]
@@ -188,8 +188,7 @@ def export_timm(run_dir: str | Path, out_dir: str | Path | None = None, step: in
         config[STEM_KEY] = adaptation
     config["ssl_pretrain"] = {"run": str(run_dir), "objective": cfg.objective, "backbone": backbone, "tower": "image",
                               "step": step}
-    tensors = {k: v.detach().float().contiguous().clone() for k, v in state.items() if v.is_floating_point()}
-    tensors.update({k: v.detach().contiguous().clone() for k, v in state.items() if not v.is_floating_point()})
+    tensors = {k: (v.float() if v.is_floating_point() else v).detach().contiguous().clone() for k, v in state.items()}
     final = Path(out_dir) if out_dir else run_dir / "timm"
     with atomic_dir(final) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

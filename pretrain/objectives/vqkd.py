@@ -516,9 +516,8 @@ class Vqkd(TokenizerParts, Objective):
                 continue
             grid = patch_grid(self.backbone, x)
             target = self.teacher(x, grid)
-            z = self.encode(x).float()
-            idx = self.quantizer.lookup(z)
-            pred = self.decoder(self.quantizer.get_codes(idx).to(z.dtype))
+            idx = self.codes(x)
+            pred = self.decoder(self.quantizer.get_codes(idx))
             n = idx.numel()
             rec_sum += float(reconstruction_loss(pred.float(), target)) * n
             n_patches += n
