@@ -16,7 +16,7 @@ import yaml
 from data.common.config import ConfigError, fill, load_values, nearest
 
 __all__ = ["ConfigError", "TowerConfig", "ModelConfig", "TokenizerConfig", "OptimConfig", "AugConfig", "ProbeConfig",
-           "DeepSpeedConfig", "RunConfig", "CHOICES", "build_config", "load_config", "model_config", "to_dict",
+           "DeepSpeedConfig", "ParallelConfig", "RunConfig", "CHOICES", "build_config", "load_config", "model_config", "to_dict",
            "save_config"]
 
 
@@ -129,6 +129,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks of a ``deepspeed``-launched job share the model (:class:`pretrain.parallel.ParallelLayout`):
+    ``dp = world / (tp * pp)`` data-parallel replicas, each cut into ``pp`` pipeline stages of
+    ``tp`` tensor-parallel ranks. See docs/parallel.md for what each objective supports."""
+
+    pp: int = 1  # pipeline stages (DeepSpeed PipelineModule, 1F1B over optim.grad_accum micro-batches)
+    tp: int = 1  # tensor-parallel ranks (Megatron column/row-parallel attention and MLP of transformer blocks)
+    partition: str = "parameters"  # pipeline stage boundaries: parameters (balance parameter counts) | uniform (layers)
+    activation_checkpoint: int = 0  # pipeline: recompute activations in backward, every N layers; 0 = off
+
+
+@dataclass
 class RunConfig:
     objective: str = "byol"
     data: str = "mnist5k"
@@ -166,6 +178,7 @@ class RunConfig:
     aug: AugConfig = field(default_factory=AugConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     csv: CsvConfig = field(default_factory=CsvConfig)
     # per-objective sections, filled from the objective registry (name -> Config instance)
@@ -180,6 +193,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16"),
     "engine": ("plain", "deepspeed"),
     "deepspeed.zero_stage": (-1, 0, 1, 2, 3),
+    "parallel.partition": ("parameters", "uniform"),
     "model.image.stem": ("", "cifar", "imagenet"),
     "model.image.norm": ("", "bn", "gn_ws"),
     "byol.head_norm": ("bn", "ln", "none"),
@@ -241,6 +255,15 @@ def check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'holdout': expected a fraction in [0, 1), got {cfg.holdout}")
     if cfg.eval_split == "val" and cfg.holdout <= 0:
         raise ConfigError("config key 'eval_split': 'val' needs a held-out part of the train split (holdout=0.1, say)")
+    for key in ("pp", "tp"):
+        if getattr(cfg.parallel, key) < 1:
+            raise ConfigError(f"config key 'parallel.{key}': expected an integer >= 1, got {getattr(cfg.parallel, key)}")
+    if cfg.parallel.pp * cfg.parallel.tp > 1 and cfg.engine != "deepspeed":
+        raise ConfigError(f"config keys 'parallel.pp={cfg.parallel.pp}' / 'parallel.tp={cfg.parallel.tp}': model "
+                          f"parallelism runs under engine=deepspeed (started by the deepspeed launcher)")
+    if cfg.parallel.activation_checkpoint < 0:
+        raise ConfigError(f"config key 'parallel.activation_checkpoint': expected an integer >= 0 (0 = off), "
+                          f"got {cfg.parallel.activation_checkpoint}")
     if cfg.eval_every < 0:
         raise ConfigError(f"config key 'eval_every': expected an integer >= 0 (0 = off), got {cfg.eval_every}")
 

@@ -186,7 +186,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         torch.set_num_threads(cfg.threads)
     if ENGINES.meta(cfg.engine).get("distributed"):
         init_distributed(cfg.engine)
-    layout = ParallelLayout.from_world().install()
+    layout = ParallelLayout.from_world(tp=cfg.parallel.tp, pp=cfg.parallel.pp).install()
     rank, world = layout.rank, layout.world
     dp_rank, dp = layout.dp_rank, layout.dp
     main = rank == 0
@@ -265,8 +265,12 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     def evaluate(final: bool) -> dict:
         """The objective's numbers on its eval split, as ``{"<split>_<name>": value}`` (every rank runs it)."""
         batches = EvalBatches(schema.eval_loader(cfg, info, eval_ds), engine.prepare)
-        with autocast_context(cfg.precision):
-            res = objective.evaluate(batches, final=final)
+
+        def run(module) -> dict:
+            with autocast_context(cfg.precision):
+                return {k: float(v) for k, v in module.evaluate(batches, final=final).items()}
+
+        res = engine.run_evaluation(run)
         engine.train()
         return {f"{eval_split}_{k}": float(v) for k, v in res.items()}
 

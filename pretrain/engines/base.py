@@ -162,6 +162,12 @@ class Engine:
     def lr(self) -> float:
         return self.schedule.lr
 
+    def run_evaluation(self, fn: Callable[[nn.Module], dict]) -> dict:
+        """``fn(module)`` where the whole model is (every rank calls this together); every rank gets
+        the result. Default: here, on the module. A pipeline engine restores the whole model on
+        its first stage for the call."""
+        return fn(self.module)
+
     def save(self, directory, client_state: dict) -> None:
         raise NotImplementedError
 

@@ -276,6 +276,10 @@ def consolidate_deepspeed_checkpoint(checkpoint_dir) -> dict:
     ds_dir = Path(checkpoint_dir) / "ds"
     if not ds_dir.is_dir():
         raise DeepSpeedCheckpointError(f"'{checkpoint_dir}' holds no DeepSpeed checkpoint (no ds/ directory)")
+    from .pipeline import LAYER_MAP, consolidate_pipeline_checkpoint
+
+    if (ds_dir / LAYER_MAP).is_file():  # a pipeline-parallel run: one file per layer
+        return consolidate_pipeline_checkpoint(ds_dir)
     if list(ds_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in ds_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -290,15 +294,19 @@ class DeepSpeedCheckpointError(UserError, FileNotFoundError):
     """A directory holds no (complete) DeepSpeed checkpoint."""
 
 
-def build_deepspeed(cfg, objective: nn.Module, optimizer, schedule, layout, channels_last: bool = False
-                    ) -> DeepSpeedEngine:
+def build_deepspeed(cfg, objective: nn.Module, optimizer, schedule, layout, channels_last: bool = False) -> Engine:
     """The DeepSpeed engine of a run config: its JSON (``deepspeed.config`` or the ZeRO stage's
-    example), batch fields derived from the recipe and the layout's data-parallel size. Inputs stay
+    example), batch fields derived from the recipe and the layout's data-parallel size; with
+    ``parallel.pp > 1`` the pipeline engine (:mod:`pretrain.engines.pipeline`). Inputs stay
     contiguous (``channels_last`` is not used: DeepSpeed flattens contiguous parameter buffers)."""
     stage = None if cfg.deepspeed.zero_stage < 0 else cfg.deepspeed.zero_stage
     ds_cfg = ds_config(cfg.deepspeed.config, stage, cfg.batch_size, cfg.optim.grad_accum, layout.dp,
                        cfg.optim.grad_clip)
     stage = zero_stage_of(ds_cfg)
+    if layout.pp > 1:
+        from .pipeline import build_pipeline
+
+        return build_pipeline(cfg, objective, optimizer, schedule, layout, ds_cfg)
     if stage >= 1 and cfg.optim.name in ("lars", "lamb"):
         raise DeepSpeedConfigError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but ZeRO stage "
                                    f"{stage} hands the optimizer flattened partitions; use deepspeed.zero_stage=0, "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,37 @@ from data.common import Registry
 #: Attribute under which each tower is registered on an objective. The image tower keeps the name
 #: ``backbone``, so the weights of image-only runs keep their parameter names.
 TOWER_ATTRS = {"image": "backbone", "text": "text_tower", "audio": "audio_tower", "video": "video_tower"}
+
+
+@dataclasses.dataclass
+class PipelineSpec:
+    """An objective written as a chain of modules, for pipeline parallelism (``parallel.pp``).
+
+    ``loss(layers[-1](...layers[0](inputs(batch))), labels(batch))["loss"]`` must equal
+    ``forward(batch)["loss"]``: the pipeline engine cuts ``layers`` into stages, feeds ``inputs``
+    to the first stage and ``labels`` to the loss on the last one. Each layer takes what the one
+    before returns (a tensor, or a tuple of tensors whose floating-point members all carry a
+    gradient back: DeepSpeed sends a gradient for every float tensor that crosses a stage boundary).
+    The layers share the objective's parameters (not copies) and together hold every trainable one.
+
+    Attributes:
+        layers: the chain.
+        inputs: ``batch -> tensor or tuple``, what the first layer takes.
+        labels: ``batch -> tensor or tuple``, what the loss takes besides the last layer's output.
+        loss: ``(outputs, labels) -> {"loss": scalar, <metric>: scalar, ...}``.
+        metrics: names of the scalars besides ``loss`` that ``loss`` returns; the engine averages
+            them over micro-batches and data-parallel ranks and reports them on every stage.
+    """
+
+    layers: Sequence[nn.Module]
+    inputs: Callable[[dict], Any]
+    labels: Callable[[dict], Any]
+    loss: Callable[[Any, Any], dict]
+    metrics: tuple[str, ...] = ()
+
+
+class PipelineUnsupportedError(ValueError):
+    """An objective (with these settings) cannot be cut into pipeline stages; the message says why."""
 
 
 class Objective(nn.Module):
@@ -56,6 +87,8 @@ class Objective(nn.Module):
     # contrastive loss over the batch, each tower's forward run through :meth:`encode_chunked`
     supports_grad_chunks: bool = False
     grad_chunks: int = 1  # set by the loop from the run's ``grad_chunks``
+    # why the objective cannot run as pipeline stages (``parallel.pp > 1``); None: pipeline_spec() says how
+    pipeline_refusal: str | None = "its forward is not written as a chain of stages (Objective.pipeline_spec)"
 
     def __init__(self, towers):
         super().__init__()
@@ -75,6 +108,13 @@ class Objective(nn.Module):
         from ..gradcache import encode_in_chunks
 
         return encode_in_chunks(fn, x, self.grad_chunks if self.training else 1, self)
+
+    def pipeline_spec(self) -> PipelineSpec:
+        """The objective as a chain of stages for the pipeline engine (see :class:`PipelineSpec`).
+        Raises :class:`PipelineUnsupportedError` with the reason where the objective, or its
+        settings, cannot be cut (default: ``pipeline_refusal``)."""
+        raise PipelineUnsupportedError(f"objective '{getattr(self, 'name', type(self).__name__)}' cannot run as "
+                                       f"pipeline stages: {self.pipeline_refusal}")
 
     def tower(self, name: str) -> nn.Module:
         """The encoder of tower ``name`` (``image``, ``text``, ``audio``, ``video``)."""

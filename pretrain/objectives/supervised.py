@@ -32,7 +32,7 @@ from models import MLPHead, ema_update_, frozen_copy, layer_ids, num_layers
 from ..checkpoint import RunDirError, load_weights
 from ..config import ConfigError, model_config
 from ..towers import build_tower
-from .base import Objective, register_objective
+from .base import Objective, PipelineSpec, PipelineUnsupportedError, register_objective
 
 WEIGHTS_FORMAT = "ssl-pretrain-classifier/1"
 
@@ -378,7 +378,38 @@ class Supervised(ClassifierObjective):
                                   f"{str(exc).splitlines()[0]}") from None
         self.build_classifier(neck, spec, dim, cfg.num_classes, cfg.layer_decay, cfg.ema_decay)
 
+    pipeline_refusal = None
+
     def forward(self, batch: dict) -> dict:
-        logits = self.logits(batch["views"][0]).float()
-        y = batch["label"]
-        return {"loss": F.cross_entropy(logits, y), "train_acc": (logits.argmax(1) == y).float().mean()}
+        return _cross_entropy(self.logits(batch["views"][0]), batch["label"])
+
+    def pipeline_spec(self) -> PipelineSpec:
+        """``backbone.pipeline_layers()`` then the neck and head as one last layer; the cross-entropy
+        on the last stage. Not with ``ema_decay`` (the EMA copy would have to be cut alike) nor with
+        FLIP's patch dropout (the ViT's first pipeline layer keeps every patch)."""
+        if self.ema is not None:
+            raise PipelineUnsupportedError("objective 'supervised' with supervised.ema_decay > 0 cannot run as "
+                                           "pipeline stages (the EMA copy is not cut into stages); set "
+                                           "supervised.ema_decay=0")
+        if getattr(self.backbone, "patch_dropout", 0.0) > 0:
+            raise PipelineUnsupportedError("model.image.patch_dropout > 0 cannot run as pipeline stages (the "
+                                           "first stage embeds every patch); set it to 0")
+        return PipelineSpec(layers=[*self.backbone.pipeline_layers(), ClassifierTop(self.neck, self.head)],
+                            inputs=lambda b: b["views"][0], labels=lambda b: b["label"], loss=_cross_entropy,
+                            metrics=("train_acc",))
+
+
+class ClassifierTop(nn.Module):
+    """The last pipeline layer of a classifier: ``head(neck(pooled))`` (the modules shared, not copied)."""
+
+    def __init__(self, neck: nn.Module, head: nn.Module):
+        super().__init__()
+        self.neck, self.head = neck, head
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(self.neck(pooled))
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    logits = logits.float()
+    return {"loss": F.cross_entropy(logits, y), "train_acc": (logits.argmax(1) == y).float().mean()}

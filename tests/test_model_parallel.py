@@ -1,0 +1,149 @@
+"""Pipeline and tensor parallelism: real 2-rank DeepSpeed launches on the CPU (gloo), against one process.
+
+Several runs share one launch (tests/ds_fits_worker.py), which pays for the launcher, DeepSpeed's
+imports and its communication op once.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist_helpers import find_free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+# A supervised ViT (2 blocks of width 32) on sklearn's digits, fp32, no batch statistics anywhere: one
+# process and the pipeline compute the same sums, so the losses agree to float rounding; 4 micro-batches
+# of 16 per step (DeepSpeed's 1F1B schedule over them)
+VIT = ["objective=supervised", "data=digits", "image_size=16", "model.image.backbone=vit_tiny",
+       "model.image.patch_size=4", "model.image.depth=2", "model.image.embed_dim=32", "model.image.num_heads=2",
+       "supervised.head_layers=0", "batch_size=16", "optim.grad_accum=4", "optim.name=adamw", "optim.lr=0.003",
+       "optim.warmup_steps=0", "precision=fp32", "log_every=1", "progress=false", "checkpoint_every=3"]
+
+
+def _env():
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch_runs(tmp_path, runs, ranks=2, check=True):
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(find_free_port()), "tests/ds_fits_worker.py",
+           str(spec)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=_env())
+    if check and r.returncode != 0:
+        raise AssertionError(f"deepspeed launch failed ({r.returncode}):\n{r.stdout[-5000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def plain(*args):
+    r = subprocess.run([sys.executable, "-m", "launch", "fit", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env=_env())
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def records(run):
+    return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def losses(run):
+    return [r["loss"] for r in records(run) if "loss" in r]
+
+
+def weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run) / "weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+    """One process, and in one 2-rank launch: pp=2 (parameter-balanced stages), pp=2 with uniform
+    stages and activation checkpointing, and a pp=2 run stopped at step 3 and resumed."""
+    root = tmp_path_factory.mktemp("pp")
+    plain(*VIT, "max_steps=5", f"run_dir={root / 'one'}")
+    pp = [*VIT, "engine=deepspeed", "parallel.pp=2", "max_steps=5"]
+    launch_runs(root, [[*pp, f"run_dir={root / 'pp'}"],
+                       [*pp, "parallel.partition=uniform", "parallel.activation_checkpoint=1",
+                        f"run_dir={root / 'pp_uniform'}"],
+                       [*pp, "stop_at=3", f"run_dir={root / 'stopped'}"],
+                       ["--resume", str(root / "stopped")]])
+    return root
+
+
+def test_pipeline_matches_one_process(pipeline_runs):
+    ref = losses(pipeline_runs / "one")
+    assert len(ref) == 5 and ref[-1] < ref[0]  # it learns
+    for name in ("pp", "pp_uniform"):
+        got = losses(pipeline_runs / name)
+        assert len(got) == 5
+        for a, b in zip(got, ref):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    # the metrics besides the loss cross the stages too, and so does the final evaluation
+    one, pp = records(pipeline_runs / "one"), records(pipeline_runs / "pp")
+    assert [r["train_acc"] for r in pp if "loss" in r] == pytest.approx([r["train_acc"] for r in one if "loss" in r])
+    summary = json.loads((pipeline_runs / "pp" / "train_summary.json").read_text())
+    assert summary["layout"] == "dp=1 x tp=1 x pp=2"
+    assert summary["test_acc"] == pytest.approx(json.loads((pipeline_runs / "one" / "train_summary.json")
+                                                           .read_text())["test_acc"], abs=1e-9)
+
+
+def test_pipeline_weights_consolidate_to_the_one_process_weights(pipeline_runs):
+    from pretrain.engines import consolidate_deepspeed_checkpoint
+
+    ref = weights(pipeline_runs / "one")
+    got = weights(pipeline_runs / "pp")
+    assert sorted(got) == sorted(ref)
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+    # offline, from the per-layer checkpoint files and the layer map
+    ckpt = pipeline_runs / "pp" / "checkpoints" / "step_5"
+    assert (ckpt / "ds" / "pipeline_layers.json").is_file()
+    state = consolidate_deepspeed_checkpoint(ckpt)
+    for k, v in got.items():
+        assert torch.equal(state[k], v), k
+
+
+def test_pipeline_resume_continues_exactly(pipeline_runs):
+    straight, resumed = losses(pipeline_runs / "pp"), losses(pipeline_runs / "stopped")
+    assert len(resumed) == 5
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+def test_pipeline_refusals_name_the_reason():
+    """What a user sees before any rank starts work: ZeRO-2/3, pp x tp, objectives (or settings)
+    that cannot be cut into stages."""
+    from pretrain.config import load_config
+    from pretrain.engines.pipeline import PipelineConfigError, build_pipeline
+    from pretrain.objectives import create_objective
+    from models import create_backbone as create_model
+
+    cfg = load_config(None, [*VIT, "engine=deepspeed", "parallel.pp=2"])
+    vit = create_model("vit_tiny", in_chans=1, image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    sup = create_objective("supervised", vit, num_classes=10, head_layers=0)
+    lay = SimpleNamespace(pp=2, tp=1, dp=1)
+    with pytest.raises(PipelineConfigError, match="does not support ZeRO-2/3"):
+        build_pipeline(cfg, sup, None, None, lay, {"zero_optimization": {"stage": 2}})
+    with pytest.raises(PipelineConfigError, match="pipeline and tensor parallelism together"):
+        build_pipeline(cfg, sup, None, None, SimpleNamespace(pp=2, tp=2, dp=1), {})
+    ema = create_objective("supervised", vit, num_classes=10, head_layers=0, ema_decay=0.99)
+    with pytest.raises(PipelineConfigError, match="supervised.ema_decay"):
+        build_pipeline(cfg, ema, None, None, lay, {})
+    swav = create_objective("swav", create_model("resnet18", in_chans=1, stem="cifar", width=8))
+    with pytest.raises(PipelineConfigError, match="objective 'swav' cannot run as pipeline stages"):
+        build_pipeline(cfg, swav, None, None, lay, {})
+
+
+def test_model_parallelism_needs_the_deepspeed_engine():
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="parallel.pp=2.*engine=deepspeed"):
+        load_config(None, ["parallel.pp=2"])
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        load_config(None, ["engine=deepspeed", "parallel.tp=0"])
