@@ -20,7 +20,7 @@ from .config import RunConfig, save_config, to_dict
 from .engines import ENGINES, NonFiniteLossError, autocast_context, build_engine, init_distributed
 from .objectives import create_objective, objective_class
 from .optim import build_optimizer
-from .parallel import ParallelLayout, convert_to_global_bn
+from .parallel import ParallelLayout, apply_tensor_parallel, convert_to_global_bn
 from .schedules import LRSchedule
 from .towers import build_tower, build_towers
 
@@ -196,6 +196,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     train_ds = schema.dataset(cfg, "train")
     info = train_ds.info
     objective = build_model(cfg, info)
+    apply_tensor_parallel(objective, layout)  # parallel.tp > 1: transformer blocks cut over the tp group
     objective.grad_chunks = cfg.grad_chunks
     if dp > 1 and cfg.model.global_bn:
         objective = convert_to_global_bn(objective)

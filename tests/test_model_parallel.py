@@ -147,3 +147,76 @@ def test_model_parallelism_needs_the_deepspeed_engine():
         load_config(None, ["parallel.pp=2"])
     with pytest.raises(ConfigError, match="parallel.tp"):
         load_config(None, ["engine=deepspeed", "parallel.tp=0"])
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_runs(tmp_path_factory):
+    """In one 2-rank launch: tp=2 under ZeRO-0 and ZeRO-1, and a tp=2 run stopped at step 3 and resumed."""
+    root = tmp_path_factory.mktemp("tp")
+    tp = [*VIT, "engine=deepspeed", "parallel.tp=2", "max_steps=5"]
+    launch_runs(root, [[*tp, f"run_dir={root / 'tp'}"],
+                       [*tp, "deepspeed.zero_stage=1", f"run_dir={root / 'tp_z1'}"],
+                       [*tp, "stop_at=3", f"run_dir={root / 'stopped'}"],
+                       ["--resume", str(root / "stopped")]])
+    return root
+
+
+def test_tensor_parallel_matches_one_process(pipeline_runs, tensor_parallel_runs):
+    ref = losses(pipeline_runs / "one")
+    for name in ("tp", "tp_z1"):
+        got = losses(tensor_parallel_runs / name)
+        assert len(got) == 5
+        for a, b in zip(got, ref):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    summary = json.loads((tensor_parallel_runs / "tp" / "train_summary.json").read_text())
+    assert summary["layout"] == "dp=1 x tp=2 x pp=1"
+    # the exported weights are the one-process layout (blocks' shards put back together)
+    ref_w, got_w = weights(pipeline_runs / "one"), weights(tensor_parallel_runs / "tp")
+    assert sorted(got_w) == sorted(ref_w)
+    assert max((got_w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-5
+    assert got_w["backbone.blocks.0.attn.qkv.weight"].shape == (96, 32)
+    # offline consolidation of the per-rank files gives the same tensors
+    from pretrain.engines import consolidate_deepspeed_checkpoint
+
+    for name in ("tp", "tp_z1"):
+        state = consolidate_deepspeed_checkpoint(tensor_parallel_runs / name / "checkpoints" / "step_5")
+        w = weights(tensor_parallel_runs / name)
+        for k, v in w.items():
+            assert torch.equal(state[k], v), (name, k)
+
+
+def test_tensor_parallel_resume_continues_exactly(tensor_parallel_runs):
+    straight, resumed = losses(tensor_parallel_runs / "tp"), losses(tensor_parallel_runs / "stopped")
+    assert len(resumed) == 5
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+def test_tensor_parallel_refuses_models_without_transformer_blocks():
+    from pretrain.parallel import TensorParallelError, apply_tensor_parallel
+    from models import create_backbone
+
+    lay = SimpleNamespace(tp=2, tp_group=None)
+    with pytest.raises(TensorParallelError, match="no transformer blocks"):
+        apply_tensor_parallel(create_backbone("resnet18", in_chans=1, stem="cifar", width=8), lay)
+    assert apply_tensor_parallel(create_backbone("resnet18", in_chans=1, stem="cifar", width=8),
+                                 SimpleNamespace(tp=1, tp_group=None)) == 0
+
+
+def test_data_parallel_pipelines_and_tensor_groups_match_one_process(tmp_path):
+    """4 ranks: dp=2 x pp=2 under ZeRO-1 and dp=2 x tp=2 under ZeRO-2, against one process with
+    the same global batch (2 x 16 images per micro-batch, 4 micro-batches a step)."""
+    common = [*VIT, "max_steps=4"]
+    plain(*common, "batch_size=32", f"run_dir={tmp_path / 'one'}")
+    ds = [*common, "engine=deepspeed", "batch_size=16"]
+    launch_runs(tmp_path, [[*ds, "parallel.pp=2", "deepspeed.zero_stage=1", f"run_dir={tmp_path / 'dp_pp'}"],
+                           [*ds, "parallel.tp=2", "deepspeed.zero_stage=2", f"run_dir={tmp_path / 'dp_tp'}"]],
+                ranks=4)
+    ref = losses(tmp_path / "one")
+    for name, layout in (("dp_pp", "dp=2 x tp=1 x pp=2"), ("dp_tp", "dp=2 x tp=2 x pp=1")):
+        got = losses(tmp_path / name)
+        assert len(got) == 4
+        for a, b in zip(got, ref):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+        assert json.loads((tmp_path / name / "train_summary.json").read_text())["layout"] == layout
+        w, ref_w = weights(tmp_path / name), weights(tmp_path / "one")
+        assert max((w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-5

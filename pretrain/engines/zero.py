@@ -18,6 +18,7 @@ from .base import Engine, autocast_context, map_tensors, projections_of
 class DeepSpeedConfigError(UserError, ValueError):
     """A DeepSpeed JSON config is missing, malformed or contradicts the recipe."""
 
+TP_SPLITS = "tensor_parallel.json"
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "ds_configs"
 
 
@@ -133,6 +134,7 @@ class DeepSpeedEngine(Engine):
         self.native_bf16 = bool(config.get("bf16", {}).get("enabled", False))
         # the layout answers DeepSpeed's mpu questions when the world is not one data-parallel group
         mpu = layout if layout is not None and layout.dp != dist.get_world_size() else None
+        self.layout = layout
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=schedule, config=config, mpu=mpu)
         self.module = self.engine.module
@@ -199,9 +201,20 @@ class DeepSpeedEngine(Engine):
                     safe_set_full_fp32_param(p, new)
                 p.copy_(new.to(p.dtype))
 
+    @property
+    def tp(self) -> int:
+        return self.layout.tp if self.layout is not None else 1
+
     def save(self, directory, client_state: dict) -> None:
-        """Every rank writes its shards into ``directory`` (a checkpoint's temporary directory)."""
+        """Every rank writes its shards into ``directory`` (a checkpoint's temporary directory); under
+        tensor parallelism rank 0 adds ``tensor_parallel.json``, how each sharded tensor was cut."""
         self.engine.save_checkpoint(str(directory), tag="ds", client_state=client_state, save_latest=False)
+        if self.tp > 1 and self.rank == 0:
+            import json
+
+            from ..parallel.tensor_parallel import splits_to_json
+
+            (Path(directory) / "ds" / TP_SPLITS).write_text(json.dumps(splits_to_json(self.module)))
 
     def load(self, directory) -> dict:
         path, client_state = self.engine.load_checkpoint(str(directory), tag="ds")
@@ -211,6 +224,11 @@ class DeepSpeedEngine(Engine):
 
     def full_state_dict(self, checkpoint_dir=None) -> dict | None:
         """The whole model's fp32 state dict on rank 0 (None elsewhere), for any ZeRO stage."""
+        if self.tp > 1:  # the blocks' shards put back together (a collective over each tensor-parallel group)
+            from ..parallel.tensor_parallel import gather_tensor_parallel_state
+
+            state = gather_tensor_parallel_state(self.module, self.layout.tp_group)
+            return state if self.rank == 0 else None
         if self.zero_stage < 3:
             return self.module.state_dict() if self.rank == 0 else None
         if checkpoint_dir is None:
@@ -280,11 +298,20 @@ def consolidate_deepspeed_checkpoint(checkpoint_dir) -> dict:
 
     if (ds_dir / LAYER_MAP).is_file():  # a pipeline-parallel run: one file per layer
         return consolidate_pipeline_checkpoint(ds_dir)
+    states = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
+    if (ds_dir / TP_SPLITS).is_file():  # tensor parallel: one file per tp rank, sharded tensors put back
+        import json
+
+        from ..parallel.tensor_parallel import unshard_from_json
+
+        if not states:
+            raise DeepSpeedCheckpointError(f"'{ds_dir}' holds no model states file")
+        shards = [torch.load(p, map_location="cpu", weights_only=False)["module"] for p in states]
+        return unshard_from_json(json.loads((ds_dir / TP_SPLITS).read_text()), shards)
     if list(ds_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in ds_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds"))
-    states = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
         raise DeepSpeedCheckpointError(f"'{ds_dir}' holds no model states file")
     return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
@@ -307,6 +334,9 @@ def build_deepspeed(cfg, objective: nn.Module, optimizer, schedule, layout, chan
         from .pipeline import build_pipeline
 
         return build_pipeline(cfg, objective, optimizer, schedule, layout, ds_cfg)
+    if layout.tp > 1 and stage == 3:
+        raise DeepSpeedConfigError(f"parallel.tp={layout.tp} with ZeRO stage 3: ZeRO-3 gathers whole parameters, "
+                                   f"which tensor-parallel shards are not; use deepspeed.zero_stage=0, 1 or 2")
     if stage >= 1 and cfg.optim.name in ("lars", "lamb"):
         raise DeepSpeedConfigError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but ZeRO stage "
                                    f"{stage} hands the optimizer flattened partitions; use deepspeed.zero_stage=0, "
