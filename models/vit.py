@@ -338,8 +338,9 @@ class ViTEmbed(ModelPart):
 
     shared = ("patch_embed", "cls_token", "pos_embed", "mask_token")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _embed_tokens(self.patch_embed, self.cls_token, self.pos_embed, self.mask_token, x)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False) -> torch.Tensor:
+        """``vit.prepare_tokens(x, mask, drop_masked)`` (without FLIP's patch dropout)."""
+        return _embed_tokens(self.patch_embed, self.cls_token, self.pos_embed, self.mask_token, x, mask, drop_masked)
 
 
 class ViTPool(ModelPart):

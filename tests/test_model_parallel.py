@@ -220,3 +220,58 @@ def test_data_parallel_pipelines_and_tensor_groups_match_one_process(tmp_path):
         assert json.loads((tmp_path / name / "train_summary.json").read_text())["layout"] == layout
         w, ref_w = weights(tmp_path / name), weights(tmp_path / "one")
         assert max((w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-5
+
+
+def test_a_deepspeed_json_without_gradient_clipping_does_not_clip(tmp_path):
+    """DeepSpeed clips at 1.0 when its JSON has no ``gradient_clipping``; the recipe's optim.grad_clip decides."""
+    from pretrain.engines import ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert ds_config(str(path), None, 16, 1, 2, 0.0)["gradient_clipping"] == 0.0
+    assert ds_config(str(path), None, 16, 1, 2, 2.5)["gradient_clipping"] == 2.5
+    path.write_text(json.dumps({"gradient_clipping": 0.5}))
+    assert ds_config(str(path), None, 16, 1, 2, 0.0)["gradient_clipping"] == 0.5
+
+
+# the masked-modelling objectives on the same tiny ViT: BEiT v2 (a tokenizer distilled from the
+# supervised run above; mask-token embedding, early-layer tap into the aggregation head) and data2vec 2.0
+# (EMA teacher blocks beside the student's, visible-only student, conv decoder, gradient clipping at 4)
+MIM_VIT = ["data=digits", "image_size=16", "model.image.backbone=vit_tiny", "model.image.patch_size=4",
+           "model.image.depth=2", "model.image.embed_dim=32", "model.image.num_heads=2", "precision=fp32",
+           "log_every=1", "progress=false", "batch_size=16", "optim.grad_accum=2", "max_steps=5"]
+BEIT = ["objective=beit_v2", *MIM_VIT, "optim.name=adamw", "optim.lr=0.003", "optim.scale_lr=false",
+        "optim.warmup_steps=0"]
+D2V = ["--recipe", "launch/recipes/data2vec2_mnist5k.yaml", *MIM_VIT, "data2vec2.clones=2", "data2vec2.top_k=2",
+       "data2vec2.decoder_depth=2", "data2vec2.mask_fill=zeros", "data2vec2.ema_start=0.9", "data2vec2.ema_end=0.99",
+       "optim.lr=0.02", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def mim_runs(pipeline_runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mim")
+    plain("objective=vqkd", "vqkd.num_codes=64", "vqkd.code_dim=8", *BEIT[1:], f"vqkd.teacher={pipeline_runs / 'one'}",
+          f"run_dir={root / 'vqkd'}")
+    beit = [*BEIT, f"beit_v2.tokenizer={root / 'vqkd'}"]
+    plain(*beit, f"run_dir={root / 'beit_one'}")
+    plain(*D2V, f"run_dir={root / 'd2v_one'}")
+    runs = []
+    for name, args in (("beit", beit), ("d2v", D2V)):
+        for layout in ("pp", "tp"):
+            runs.append([*args, "engine=deepspeed", f"parallel.{layout}=2", f"run_dir={root / f'{name}_{layout}'}"])
+    launch_runs(root, runs)
+    return root
+
+
+@pytest.mark.parametrize("name", ["beit_pp", "beit_tp", "d2v_pp", "d2v_tp"])
+def test_masked_modelling_matches_one_process(mim_runs, name):
+    ref = losses(mim_runs / f"{name.split('_')[0]}_one")
+    got = losses(mim_runs / name)
+    assert len(got) == len(ref) == 5 and ref[-1] < ref[0]
+    for a, b in zip(got, ref):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    ref_w, got_w = weights(mim_runs / f"{name.split('_')[0]}_one"), weights(mim_runs / name)
+    assert sorted(got_w) == sorted(ref_w)
+    assert max((got_w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-4
+    if name.startswith("d2v"):  # the EMA teacher, cut into the same stages / shards, follows the student alike
+        assert any(k.startswith("target_backbone.blocks.1.") for k in got_w)

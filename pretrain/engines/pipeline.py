@@ -116,6 +116,14 @@ class PipelineEngine(Engine):
                 self.remote[n] = (t, tuple(t.shape))
                 t.data = torch.empty(0, dtype=t.dtype)
         self.local_names = {names[i] for i in local if i in names}
+        # DeepSpeed clips each stage by its own gradient norm (its model-parallel group is the
+        # tensor-parallel slice, not the pipeline); the norm over the whole model is taken here instead
+        self.grad_clip = float(config.get("gradient_clipping", 0.0) or 0.0)
+        config["gradient_clipping"] = 0.0  # (a missing key would be DeepSpeed's default, 1.0)
+        self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        self.last_grad_norm = None
+        if self.grad_clip > 0:
+            optimizer.register_step_pre_hook(self._clip)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer,
                                                                  lr_scheduler=schedule, config=config)
         self.spec, self.layout, self.objective = spec, layout, objective
@@ -143,6 +151,28 @@ class PipelineEngine(Engine):
         for k, v in (self.engine.agg_additional_losses or {}).items():
             metrics[k] = float(v)
         return metrics
+
+    @torch.no_grad()
+    def _clip(self, optimizer, *_):
+        """Before the optimizer steps: scale every gradient by ``min(1, clip / |g|)`` with ``|g|`` the
+        norm over the whole model, as one process clips. The optimizer sees this stage's gradients
+        (ZeRO-0: whole tensors, the same on every data-parallel replica once reduced; ZeRO-1: this
+        rank's disjoint flat partition), so squares summed over the world count each element once
+        (ZeRO-1) or ``dp`` times (ZeRO-0)."""
+        import torch.distributed as dist
+
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        total = torch.zeros((), dtype=torch.float64)
+        for g in grads:
+            total += g.double().pow(2).sum()
+        dist.all_reduce(total)
+        if self.zero_stage == 0:
+            total /= self.layout.dp
+        norm = float(total.sqrt())
+        self.last_grad_norm = norm
+        coef = self.grad_clip / (norm + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
 
     def __call__(self, batch: dict) -> dict:
         raise RuntimeError("a pipeline engine runs whole steps (train_step), not single micro-batches")

@@ -100,7 +100,8 @@ def ds_config(path: str, zero_stage: int | None, micro_batch: int, grad_accum: i
         cfg[k] = v
     if zero_stage is not None and path:
         cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
-    if grad_clip > 0:
+    if grad_clip > 0 or "gradient_clipping" not in cfg:
+        # the recipe's optim.grad_clip (0 = off); a JSON without the key would get DeepSpeed's default, 1.0
         cfg["gradient_clipping"] = grad_clip
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)

@@ -31,10 +31,10 @@ from torch import Tensor, nn
 
 from data import MaskGenerator, beit_num_masked
 from losses import rank as dp_rank
-from models.vit import Block, init_transformer_weights
+from models.vit import Block, ViTEmbed, init_transformer_weights
 
 from ..config import ConfigError
-from .base import Objective, register_objective
+from .base import Objective, PipelineSpec, register_objective
 from .vqkd import VqkdTokenizer, _data_stats, check_vit, load_tokenizer, mim_param_groups, patch_grid
 
 __all__ = ["BeitV2Config", "BeitV2", "default_early_layer", "default_min_block_patches"]
@@ -171,6 +171,45 @@ class BeitV2(Objective):
         out["tokenizer_codes"] = float(labels.unique().numel())  # distinct codes among this rank's targets
         return out
 
+    pipeline_refusal = None
+
+    def pipeline_spec(self) -> PipelineSpec:
+        """``[masked embedding, block_1, ..., block_N, top]``; the tuple between layers is
+        ``(tokens,)`` up to the early layer and ``(tokens, early patch tokens)`` after it (both
+        carry gradients back: the early tokens feed the aggregation head). The top layer (final
+        norm, head blocks, LM head) returns the logits at the masked patches; the last stage draws
+        the same masks and runs the tokenizer for the targets."""
+        vit, p = self.backbone, self.backbone.num_prefix_tokens
+        layers = [_MaskedEmbed(vit), *[_TapBlock(b, p if i + 1 == self.early_layer and len(self.head_blocks) else None)
+                                      for i, b in enumerate(vit.blocks)],
+                  _BeitTop(vit.norm, self.head_blocks, self.lm_head, p)]
+
+        def inputs(batch):
+            x = batch["views"][0]
+            return x, self.mask_for(batch, x).to(torch.uint8)
+
+        def labels(batch):
+            x = batch["views"][0]
+            mask = self.mask_for(batch, x)
+            return self.tokenizer.tokens(x, patch_grid(vit, x))[mask], mask.to(torch.uint8)
+
+        def loss(outputs, targets):
+            codes, mask = targets
+            final, agg = outputs if isinstance(outputs, tuple) else (outputs, None)
+            mask = mask.bool()
+            logits = final[mask].float()
+            mim = F.cross_entropy(logits, codes)
+            out = {"mim_loss": mim.detach(), "mim_acc": (logits.argmax(1) == codes).float().mean(), "loss": mim}
+            if agg is not None:
+                head_logits = agg[mask].float()
+                head = F.cross_entropy(head_logits, codes)
+                out.update(loss=mim + head, head_loss=head.detach(),
+                           head_acc=(head_logits.argmax(1) == codes).float().mean())
+            return out
+
+        names = ("mim_loss", "mim_acc") + (("head_loss", "head_acc") if len(self.head_blocks) else ())
+        return PipelineSpec(layers=layers, inputs=inputs, labels=labels, loss=loss, metrics=names)
+
     def export_state(self, state: dict, run: dict):
         """Every tensor: the student ViT under ``backbone.*`` (without the head blocks, so that
         ``model.image.init`` / ``supervised.init`` take it as a plain ViT), the aggregation head under
@@ -179,3 +218,44 @@ class BeitV2(Objective):
         metadata."""
         return state, {"tokenizer": self.cfg.tokenizer, "early_layer": str(self.early_layer),
                        "num_masked": str(self.num_masked)}
+
+
+class _MaskedEmbed(ViTEmbed):
+    """First pipeline layer: ``(images, uint8 masks) -> (tokens,)``, masked patches replaced by the mask token."""
+
+    def forward(self, inputs):
+        x, mask = inputs
+        return (super().forward(x, mask.bool()),)
+
+
+class _TapBlock(nn.Module):
+    """A student block in the pipeline: applies to the tokens and passes on what else the tuple
+    holds; the early-layer block (``tap`` = prefix tokens to skip) also passes on its patch tokens."""
+
+    def __init__(self, block: nn.Module, tap: int | None = None):
+        super().__init__()
+        self.block, self.tap = block, tap
+
+    def forward(self, inputs):
+        h = self.block(inputs[0])
+        if self.tap is not None:
+            return (h, h[:, self.tap:].contiguous(), *inputs[1:])
+        return (h, *inputs[1:])
+
+
+class _BeitTop(nn.Module):
+    """Last pipeline layer: the shared final norm and LM head over the last layer's patch tokens and,
+    with an aggregation head, over its output on [last class token, early patch tokens]; returns
+    logits ``[B, N, K]`` (one or two)."""
+
+    def __init__(self, norm: nn.Module, head_blocks: nn.Sequential, lm_head: nn.Module, prefix: int):
+        super().__init__()
+        self.norm, self.head_blocks, self.lm_head, self.prefix = norm, head_blocks, lm_head, prefix
+
+    def forward(self, inputs):
+        h, p = inputs[0], self.prefix
+        final = self.lm_head(self.norm(h)[:, p:])
+        if len(self.head_blocks) == 0:
+            return final
+        agg = self.norm(self.head_blocks(torch.cat([h[:, :1], inputs[1]], dim=1)))
+        return final, self.lm_head(agg[:, p:])

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from data import MaskError, MaskGenerator
 from losses import rank as dp_rank
 from models import ema_update_, frozen_copy
+from models.vit import ViTEmbed
 
 from ..config import ConfigError
-from .base import Objective, register_objective
+from .base import Objective, PipelineSpec, PipelineUnsupportedError, register_objective
 from .byol import cosine_momentum
 from .vqkd import check_vit, mim_param_groups
 
@@ -308,6 +309,12 @@ class Data2Vec2(Objective):
         mask = self.batch_masks(b, batch.get("step", 0), x.device)  # [B * clones, N]
         tokens = self.backbone.forward_features(x.repeat_interleave(clones, 0), mask, drop_masked=True)
         pred = self.decoder(self.decoder_input(tokens[:, 1:], mask))  # [B * clones, N, D]
+        return self.loss_terms(pred, tokens[:, 0], y, mask)
+
+    def loss_terms(self, pred: Tensor, cls_token: Tensor, y: Tensor, mask: Tensor) -> dict:
+        """The loss and its parts from the decoder's predictions ``[B * clones, N, D]``, the student's
+        class tokens ``[B * clones, D]``, the targets ``[B, N, D]`` and the masks ``[B * clones, N]``."""
+        clones = self.cfg.clones
         y_rep = y.repeat_interleave(clones, 0)  # sample-major, as the mask rows
         cfg = self.cfg
         scale = cfg.loss_scale or None
@@ -316,7 +323,7 @@ class Data2Vec2(Objective):
         loss = reg
         if cfg.cls_weight > 0:
             cls_target = y.mean(1).repeat_interleave(clones, 0)
-            cls = regression_loss(tokens[:, 0], cls_target, cfg.loss, cfg.loss_beta, scale)
+            cls = regression_loss(cls_token, cls_target, cfg.loss, cfg.loss_beta, scale)
             loss = loss + cfg.cls_weight * cls
             out["cls_loss"] = cls.detach()
         with torch.no_grad():
@@ -324,6 +331,34 @@ class Data2Vec2(Objective):
             out["pred_std"] = pred[mask].detach().float().std(0).mean()
         out["ema_decay"] = torch.tensor(self.momentum)
         return {"loss": loss, **out}
+
+    pipeline_refusal = None
+
+    def pipeline_spec(self) -> PipelineSpec:
+        """``[embedding, block_1, ..., block_N, top]``, each student block beside its teacher block
+        (so the EMA update pairs tensors within a stage). Between layers: ``(student tokens,
+        teacher tokens, running sum of the instance-normalised target-layer FFN outputs, masks)``;
+        the teacher's tensors carry no gradient, so they cross stages as the int32 bits of their
+        float32 values (DeepSpeed sends a gradient back for every floating-point tensor it passes)."""
+        if self.cfg.mask_fill == "learned":
+            raise PipelineUnsupportedError("data2vec2.mask_fill=learned cannot run as pipeline stages (the decoder on "
+                                           "the last stage would read the mask token of the first); use noise or zeros")
+        vit, teacher, k = self.backbone, self.target_backbone, len(self.target_layers)
+        layers = [_D2vEmbed(vit, teacher, self.cfg.clones),
+                  *[_D2vBlock(b, t, i in self.target_layers) for i, (b, t) in enumerate(zip(vit.blocks, teacher.blocks))],
+                  _D2vTop(vit.norm, self.decoder, teacher.norm, self.decoder_input, k)]
+        cfg = self
+
+        def inputs(batch):
+            x = batch["views"][0]
+            return x, self.batch_masks(x.shape[0], batch.get("step", 0), x.device).to(torch.uint8)
+
+        def loss(outputs, _labels):
+            pred, cls_token, y, mask = outputs
+            return cfg.loss_terms(pred, cls_token, y, mask.bool())
+
+        names = ("reg_loss", "target_std", "pred_std", "ema_decay") + (("cls_loss",) if self.cfg.cls_weight > 0 else ())
+        return PipelineSpec(layers=layers, inputs=inputs, labels=lambda b: torch.zeros(()), loss=loss, metrics=names)
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
@@ -345,3 +380,74 @@ class Data2Vec2(Objective):
     def embed(self, batch: dict) -> Tensor:
         """The student's pooled output (class token by default) of the whole, unmasked image."""
         return self.backbone.forward_pooled(batch["image"]).float()
+
+
+def _bits(t: Tensor) -> Tensor:
+    """A gradient-free float tensor as the int32 bits of its float32 values (exact, crosses stages without a gradient)."""
+    return t.float().contiguous().view(torch.int32)
+
+
+def _unbits(t: Tensor) -> Tensor:
+    return t.view(torch.float32)
+
+
+class _D2vEmbed(nn.Module):
+    """First pipeline layer: ``(images [B, ...], uint8 masks [B * clones, N]) -> (student tokens of
+    the visible patches of every clone, teacher tokens of the whole images, zero target sum, masks)``."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, clones: int):
+        super().__init__()
+        self.student, self.teacher, self.clones = ViTEmbed(student), ViTEmbed(teacher), clones
+
+    def forward(self, inputs):
+        x, mask = inputs
+        s = self.student(x.repeat_interleave(self.clones, 0), mask.bool(), drop_masked=True)
+        with torch.no_grad():
+            t = self.teacher(x)
+        return s, _bits(t), _bits(torch.zeros_like(t[:, 1:], dtype=torch.float32)), mask
+
+
+class _D2vBlock(nn.Module):
+    """A student block and its teacher block; a target layer adds its instance-normalised FFN output
+    (patch tokens) to the running target sum, as :func:`make_targets` does."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, target: bool):
+        super().__init__()
+        self.student, self.teacher, self.target = student, teacher, target
+
+    def forward(self, inputs):
+        s, t, acc, mask = inputs
+        s = self.student(s)
+        with torch.no_grad():
+            t = _unbits(t)
+            if self.target:
+                out = {}
+                hook = self.teacher.mlp.register_forward_hook(lambda m, a, o: out.setdefault("ffn", o))
+                try:
+                    t = self.teacher(t)
+                finally:
+                    hook.remove()
+                z = F.instance_norm(out["ffn"][:, 1:].float().transpose(1, 2)).transpose(1, 2)
+                acc = _bits(_unbits(acc) + z)
+            else:
+                t = self.teacher(t)
+        return s, _bits(t), acc, mask
+
+
+class _D2vTop(nn.Module):
+    """Last pipeline layer: the student's final norm, the decoder over the visible tokens put back
+    on the grid, and the targets (the running sum averaged over ``k`` layers, layer-normalised).
+    Holds the teacher's final norm too (unused) so that the EMA update pairs it with the student's
+    on the same stage."""
+
+    def __init__(self, norm: nn.Module, decoder: nn.Module, teacher_norm: nn.Module, fill, k: int):
+        super().__init__()
+        self.norm, self.decoder, self.teacher_norm, self.k = norm, decoder, teacher_norm, k
+        self.fill = fill  # the objective's decoder_input (a bound method, not a submodule)
+
+    def forward(self, inputs):
+        s, _, acc, mask = inputs
+        tokens = self.norm(s)
+        pred = self.decoder(self.fill(tokens[:, 1:], mask.bool()))
+        y = _unbits(acc) / self.k
+        return pred, tokens[:, 0], F.layer_norm(y, y.shape[-1:]), mask
