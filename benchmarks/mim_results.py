@@ -12,7 +12,8 @@ and restarts.
 ``finetune``: one row per ``NAME=FT_PATTERN[:PRETRAINED_RUN]``: the fine-tuned test accuracy of
 ``FT_PATTERN`` with ``{pct}`` replaced by each label percentage (its ``summary.json``), and beside
 it a linear probe on the frozen features of ``PRETRAINED_RUN`` trained on the same labelled subset
-(``data.labelled_subset``, label seed 0: the images fine-tuning saw); without a pretrained run,
+(``data.labelled_subset``, label seed 0: the images fine-tuning saw; where a class has a single label
+there is no validation split, and the probe trains one configuration, marked ``*``); without a pretrained run,
 the probe is of the randomly initialised backbone of the first fine-tuning run.
 """
 from __future__ import annotations
@@ -86,6 +87,10 @@ def _features(run: str | None, ft_run: str) -> tuple:
     return xtr, ytr, xte, yte
 
 
+# the probe's one configuration where a class has a single label (the grid's middle)
+FIXED_LR, FIXED_WD = (1e-2,), (1e-4,)
+
+
 def finetune(rows: list[str], labels: list[float]) -> str:
     from data import labelled_subset
     from eval_probes import linear_probe
@@ -106,9 +111,14 @@ def finetune(rows: list[str], labels: list[float]) -> str:
                 feats = _features(run or None, ft_run)
             xtr, ytr, xte, yte = feats
             idx = np.asarray(labelled_subset(torch.as_tensor(ytr), f, s["label_seed"]))
-            res = linear_probe(xtr[idx], ytr[idx], xte, yte, seed=0)
-            probe_cells.append(f" {100 * res['test_acc']:.1f}% |")
+            fixed = np.bincount(ytr[idx]).min() < 2  # one label in some class: no validation split to select on
+            grid = dict(lrs=FIXED_LR, weight_decays=FIXED_WD) if fixed else {}
+            res = linear_probe(xtr[idx], ytr[idx], xte, yte, seed=0, **grid)
+            probe_cells.append(f" {100 * res['test_acc']:.1f}%{'*' if fixed else ''} |")
         lines.append(f"| {name} |" + "".join(ft_cells) + "".join(probe_cells))
+    if any("*" in ln for ln in lines[2:]):
+        lines.append(f"\n\\* one label in some class: no validation split, so the probe trains one configuration "
+                     f"(lr {FIXED_LR[0]:g}, weight decay {FIXED_WD[0]:g}) instead of selecting from the grid.")
     return "\n".join(lines)
 
 

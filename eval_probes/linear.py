@@ -294,7 +294,8 @@ def linear_probe(
         weight_decays: Candidate weight decays.
         epochs: Training epochs (for the search and for the final retrain).
         batch_size: Mini-batch size; ``None`` means full batch.
-        val_fraction: Fraction of each class held out for selection.
+        val_fraction: Fraction of each class held out for selection (unused when the grid
+            is a single configuration: nothing to select, every train sample is used).
         seed: Seed of the split and of batch shuffling.
         standardize: Whether to z-score features with train statistics.
         progress: Whether to show tqdm bars over epochs.
@@ -309,7 +310,8 @@ def linear_probe(
 
     Raises:
         ValueError: On inconsistent shapes (the message names the arrays and
-            shapes), NaN/inf features, a class with fewer than 2 train samples,
+            shapes), NaN/inf features, a class with fewer than 2 train samples
+            (only when the grid has more than one configuration to choose from),
             or invalid hyper-parameters.
     """
     train_x, train_y, test_x, test_y = check_probe_inputs(train_x, train_y, test_x, test_y)
@@ -324,8 +326,6 @@ def linear_probe(
     device = torch.device("cpu") if device is None else torch.device(device)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
 
-    fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
-
     def prepare(x_fit: np.ndarray, *others: np.ndarray) -> List[torch.Tensor]:
         arrays = [x_fit, *others]
         if standardize:
@@ -337,8 +337,15 @@ def linear_probe(
         epochs=epochs, batch_size=batch_size, seed=seed, optimizer=optimizer, progress=progress
     )
 
-    # Grid search: every (lr, wd) pair trained at once on the fit split.
+    # Grid search: every (lr, wd) pair trained at once on the fit split. A grid of one needs no
+    # selection, so no validation split either (a class may then have a single train sample).
     grid = [(lr, wd) for lr in lrs for wd in weight_decays]
+    if len(grid) == 1:
+        val_accs = [float("nan")]
+        best_lr, best_wd = grid[0]
+        return _final_fit(train_x, train_y, test_x, test_y, num_classes, best_lr, best_wd, prepare, common, device,
+                          grid, val_accs)
+    fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
     x_fit, x_val = prepare(train_x[fit_idx], train_x[val_idx])
     y_fit = torch.from_numpy(train_y[fit_idx]).to(device)
     y_val = torch.from_numpy(train_y[val_idx]).to(device)
@@ -356,7 +363,14 @@ def linear_probe(
     best = int(np.argmax(val_accs))
     best_lr, best_wd = grid[best]
 
-    # Retrain the selected configuration on the full train set.
+    return _final_fit(train_x, train_y, test_x, test_y, num_classes, best_lr, best_wd, prepare, common, device,
+                      grid, val_accs)
+
+
+def _final_fit(train_x, train_y, test_x, test_y, num_classes, best_lr, best_wd, prepare, common, device, grid,
+               val_accs) -> Dict[str, Any]:
+    """Retrain the selected configuration on the full train set and score it on the test set."""
+    best = grid.index((best_lr, best_wd))
     x_train, x_test = prepare(train_x, test_x)
     y_train = torch.from_numpy(train_y).to(device)
     y_test = torch.from_numpy(test_y).to(device)

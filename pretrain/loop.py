@@ -18,6 +18,7 @@ from .batches import schema_of
 from .checkpoint import latest_checkpoint, read_meta, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import RunConfig, save_config, to_dict
 from .engines import ENGINES, NonFiniteLossError, autocast_context, build_engine, init_distributed
+from .engines.plain import portable_from_plain
 from .objectives import create_objective, objective_class
 from .optim import build_optimizer
 from .parallel import ParallelLayout, apply_tensor_parallel, convert_to_global_bn
@@ -157,6 +158,29 @@ def _scalars(metrics: dict, dp_size: int = 1) -> dict:
     return {k: float(v) for k, v in zip(keys, vals)}
 
 
+#: a checkpoint's one-process copy of the training state (model, per-parameter optimizer state by
+#: name, schedule, step, client state), written where the engine can give it (plain, ZeRO-0)
+PORTABLE = "portable.pt"
+
+
+def same_layout(meta: dict, engine: str, layout: ParallelLayout) -> bool:
+    """Whether a checkpoint was written by this engine with the model cut as now (``parallel.tp`` and
+    ``parallel.pp``; the data-parallel size may differ), so the engine's own files resume it."""
+    saved = ParallelLayout.parse(meta.get("layout", "dp=1 x tp=1 x pp=1"))
+    return meta.get("engine", "plain") == engine and (saved.tp, saved.pp) == (layout.tp, layout.pp)
+
+
+def check_resume_layout(meta: dict, layout: ParallelLayout, ckpt) -> None:
+    """Raises when a checkpoint without a one-process copy (:data:`PORTABLE`) would resume with the
+    model cut differently than it was saved."""
+    saved = ParallelLayout.parse(meta.get("layout", "dp=1 x tp=1 x pp=1"))
+    if (saved.tp, saved.pp) != (layout.tp, layout.pp):
+        raise RunError(f"--resume: checkpoint '{ckpt}' was written with parallel.tp={saved.tp} parallel.pp={saved.pp}, "
+                       f"this run has tp={layout.tp} pp={layout.pp}; resuming with the model cut differently needs "
+                       f"the checkpoint's {PORTABLE}, which runs under ZeRO-0 write: resume with the same parallel.* "
+                       f"settings, or start a new run from the exported weights (model.image.init=RUN_DIR)")
+
+
 def make_engine(cfg: RunConfig, objective, layout: ParallelLayout, channels_last: bool = False):
     """Optimizer, LR schedule and the engine named by ``cfg.engine`` (see :mod:`pretrain.engines`)."""
     lr = effective_lr(cfg, layout.dp)
@@ -219,10 +243,20 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
         if ckpt is None:
             raise RunError(f"--resume: no checkpoint found under '{run_dir / 'checkpoints'}'")
         meta = read_meta(ckpt)
-        if meta.get("engine", "plain") != cfg.engine:
-            raise RunError(f"--resume: checkpoint '{ckpt}' was written by engine={meta.get('engine')}, "
-                           f"this run uses engine={cfg.engine}")
-        client = engine.load(ckpt)
+        if same_layout(meta, cfg.engine, layout):
+            client = engine.load(ckpt)
+        else:  # another engine or model cut: the checkpoint's one-process copy, cut for this layout
+            if (ckpt / PORTABLE).is_file():
+                portable = torch.load(ckpt / PORTABLE, map_location="cpu", weights_only=False)
+            elif meta.get("engine", "plain") == "plain":
+                portable = portable_from_plain(ckpt, objective)
+            else:
+                check_resume_layout(meta, layout, ckpt)  # names the difference
+                raise RunError(f"--resume: checkpoint '{ckpt}' was written by engine={meta.get('engine')}, "
+                               f"this run uses engine={cfg.engine}; resuming under another engine or layout needs "
+                               f"the checkpoint's {PORTABLE}, which runs under ZeRO-0 write")
+            engine.load_portable(portable)
+            client = portable["client"]
         if hasattr(objective, "load_state_dict_extra"):
             # per-rank state (e.g. SwAV's queue) where saved; older checkpoints hold rank 0's only
             extra = client.get("objective_extra_by_rank", {}).get(str(rank), client.get("objective_extra", {}))
@@ -248,7 +282,13 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                                  world)
         client = {"rng": {str(r): s for r, s in enumerate(rngs)}, "objective_extra": extras[0],
                   "objective_extra_by_rank": {str(r): e for r, e in enumerate(extras)}}
-        return save_checkpoint(run_dir, step, lambda d: engine.save(d, client),
+        def write(d: Path) -> None:
+            engine.save(d, client)
+            portable = engine.portable_state()  # every rank takes part; rank 0 gets it (None where not possible)
+            if portable is not None:
+                torch.save({**portable, "client": client}, Path(d) / PORTABLE)
+
+        return save_checkpoint(run_dir, step, write,
                                {"config": to_dict(cfg), "world_size": world, "engine": cfg.engine,
                                 "objective": cfg.objective, "layout": layout.describe()},
                                keep_last=cfg.keep_last, rank=rank, barrier=barrier)

@@ -69,12 +69,21 @@ def pipeline_runs(tmp_path_factory):
     stages and activation checkpointing, and a pp=2 run stopped at step 3 and resumed."""
     root = tmp_path_factory.mktemp("pp")
     plain(*VIT, "max_steps=5", f"run_dir={root / 'one'}")
+    plain(*VIT, "max_steps=5", "stop_at=3", f"run_dir={root / 'plain_to_pp'}")
     pp = [*VIT, "engine=deepspeed", "parallel.pp=2", "max_steps=5"]
     launch_runs(root, [[*pp, f"run_dir={root / 'pp'}"],
                        [*pp, "parallel.partition=uniform", "parallel.activation_checkpoint=1",
                         f"run_dir={root / 'pp_uniform'}"],
                        [*pp, "stop_at=3", f"run_dir={root / 'stopped'}"],
-                       ["--resume", str(root / "stopped")]])
+                       ["--resume", str(root / "stopped")],
+                       # for resuming on other layouts: a 2-rank data-parallel run (2 x 8 images a
+                       # micro-batch) and a pp=2 run, stopped; a one-process run resumed as pp=2
+                       [*VIT, "engine=deepspeed", "batch_size=8", "max_steps=5", "stop_at=3",
+                        f"run_dir={root / 'dp2_to_one'}"],
+                       [*pp, "stop_at=3", f"run_dir={root / 'pp_to_one'}"],
+                       ["--resume", str(root / "plain_to_pp"), "engine=deepspeed", "parallel.pp=2"]])
+    plain("--resume", str(root / "dp2_to_one"), "engine=plain", "batch_size=16")
+    plain("--resume", str(root / "pp_to_one"), "engine=plain", "parallel.pp=1")
     return root
 
 
@@ -157,7 +166,9 @@ def tensor_parallel_runs(tmp_path_factory):
     launch_runs(root, [[*tp, f"run_dir={root / 'tp'}"],
                        [*tp, "deepspeed.zero_stage=1", f"run_dir={root / 'tp_z1'}"],
                        [*tp, "stop_at=3", f"run_dir={root / 'stopped'}"],
-                       ["--resume", str(root / "stopped")]])
+                       ["--resume", str(root / "stopped")],
+                       [*tp, "stop_at=3", f"run_dir={root / 'tp_to_one'}"]])
+    plain("--resume", str(root / "tp_to_one"), "engine=plain", "parallel.tp=1")
     return root
 
 
@@ -275,3 +286,141 @@ def test_masked_modelling_matches_one_process(mim_runs, name):
     assert max((got_w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-4
     if name.startswith("d2v"):  # the EMA teacher, cut into the same stages / shards, follows the student alike
         assert any(k.startswith("target_backbone.blocks.1.") for k in got_w)
+
+
+# -- the support matrix (docs/parallel.md): every cell trains 2 steps or fails with its documented message --
+
+MATRIX_VIT = ["data=digits", "image_size=16", "model.image.backbone=vit_tiny", "model.image.patch_size=4",
+              "model.image.depth=2", "model.image.embed_dim=32", "model.image.num_heads=2", "precision=fp32",
+              "progress=false", "batch_size=8", "optim.grad_accum=2", "max_steps=2", "log_every=1",
+              "optim.name=adamw", "optim.lr=0.001", "optim.warmup_steps=0"]
+# the matrix's columns under the deepspeed launcher: (column, ranks, overrides)
+MATRIX_COLUMNS = [("ZeRO-0", 2, ["deepspeed.zero_stage=0"]), ("ZeRO-1", 2, ["deepspeed.zero_stage=1"]),
+                  ("ZeRO-2", 2, ["deepspeed.zero_stage=2"]), ("ZeRO-3", 2, ["deepspeed.zero_stage=3"]),
+                  ("pp=2", 2, ["parallel.pp=2"]), ("tp=2", 2, ["parallel.tp=2"]),
+                  ("dp=2 x pp=2", 4, ["parallel.pp=2", "deepspeed.zero_stage=1"]),
+                  ("dp=2 x tp=2", 4, ["parallel.tp=2", "deepspeed.zero_stage=2"])]
+
+
+def matrix_objectives(teacher, tokenizer) -> dict:
+    """Per objective: (recipe or None, tiny overrides) on the ViT above."""
+    return {
+        "supervised": (None, ["objective=supervised", *MATRIX_VIT, "supervised.head_layers=0"]),
+        "distill": (None, ["objective=distill", *MATRIX_VIT, f"distill.teacher={teacher}"]),
+        "byol": (None, ["objective=byol", *MATRIX_VIT, "byol.proj_hidden=64", "byol.pred_hidden=64"]),
+        "simclr": (None, ["objective=simclr", *MATRIX_VIT, "simclr.proj_dim=32", "simclr.head_norm=ln"]),
+        "swav": (None, ["objective=swav", *MATRIX_VIT, "swav.proj_hidden=64", "swav.proj_dim=32",
+                        "aug.local_size=8"]),
+        "clip": (None, ["objective=clip", *MATRIX_VIT, "data=mnist5k_captions", "model.text.backbone=text_tiny",
+                        "model.text.width=32",
+                        "model.text.depth=1", "model.text.heads=2", "tokenizer.context_length=24",
+                        "clip.embed_dim=16"]),
+        "vqkd": (None, ["objective=vqkd", *MATRIX_VIT, "vqkd.num_codes=64", "vqkd.code_dim=8",
+                        f"vqkd.teacher={teacher}"]),
+        "beit_v2": (None, ["objective=beit_v2", *MATRIX_VIT, f"beit_v2.tokenizer={tokenizer}"]),
+        "data2vec2": ("launch/recipes/data2vec2_mnist5k.yaml",
+                      [*MATRIX_VIT, "data2vec2.clones=2", "data2vec2.top_k=2", "data2vec2.decoder_depth=1",
+                       "data2vec2.mask_fill=zeros"]),
+    }
+
+
+@pytest.mark.parametrize("run,layouts", [("plain_to_pp", ("dp=1 x tp=1 x pp=1", "dp=1 x tp=1 x pp=2")),
+                                         ("pp_to_one", ("dp=1 x tp=1 x pp=2", "dp=1 x tp=1 x pp=1")),
+                                         ("dp2_to_one", ("dp=2 x tp=1 x pp=1", "dp=1 x tp=1 x pp=1")),
+                                         ("tp_to_one", ("dp=1 x tp=2 x pp=1", "dp=1 x tp=1 x pp=1"))])
+def test_resume_on_another_layout_continues_the_loss_curve(pipeline_runs, tensor_parallel_runs, run, layouts):
+    """Stopped at step 3 under one layout, resumed under another (model, AdamW state, LR schedule,
+    data position from the checkpoint's one-process copy): steps 4-5 continue the run that never
+    stopped. Tolerance 1e-4, that of a change of layout (sums in another order), not 1e-6."""
+    root = tensor_parallel_runs if run == "tp_to_one" else pipeline_runs
+    got, ref = losses(root / run), losses(pipeline_runs / "one")
+    assert len(got) == 5
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    import yaml
+
+    meta3 = json.loads((root / run / "checkpoints" / "step_3" / "meta.json").read_text())
+    meta5 = json.loads((root / run / "checkpoints" / "step_5" / "meta.json").read_text())
+    assert (meta3["layout"], meta5["layout"]) == layouts
+    assert yaml.safe_load((root / run / "config.yaml").read_text())["max_steps"] == 5
+
+
+def test_resume_refuses_a_model_cut_differently():
+    from pretrain.loop import RunError, check_resume_layout
+    from pretrain.parallel import ParallelLayout
+
+    check_resume_layout({"layout": "dp=1 x tp=1 x pp=2"}, ParallelLayout(dp=1, pp=2), "ckpt")
+    check_resume_layout({"layout": "dp=2 x tp=1 x pp=1"}, ParallelLayout(dp=1), "ckpt")  # dp may change
+    with pytest.raises(RunError, match="written with parallel.tp=1 parallel.pp=2, this run has tp=1 pp=1"):
+        check_resume_layout({"layout": "dp=1 x tp=1 x pp=2"}, ParallelLayout(dp=2), "ckpt")
+    with pytest.raises(RunError, match="parallel.tp=2"):
+        check_resume_layout({"layout": "dp=1 x tp=2 x pp=1"}, ParallelLayout(), "ckpt")
+
+
+def documented_matrix() -> tuple[dict, dict]:
+    """docs/parallel.md's support matrix: ``{(objective, column): "ok" | refusal key}`` and
+    ``{refusal key: message}``."""
+    text = (ROOT / "docs" / "parallel.md").read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("| objective | plain |"))
+    columns = [c.strip() for c in lines[head].strip("|").split("|")][1:]
+    cells = {}
+    for ln in lines[head + 1:]:
+        row = [c.strip() for c in ln.strip("|").split("|")]
+        if len(row) != len(columns) + 1:
+            break
+        for col, mark in zip(columns, row[1:]):
+            cells[(row[0], col)] = "ok" if mark == "✓" else mark.split()[-1] if mark.startswith("✗") else None
+    messages = {}
+    for ln in text.splitlines():
+        if ln.startswith("- ") and ": `" in ln and ln.rstrip().endswith("`"):
+            key, msg = ln[2:].split(": `", 1)
+            messages[key.strip()] = msg.rstrip().rstrip("`")
+    return cells, messages
+
+
+def test_support_matrix(pipeline_runs, mim_runs, tmp_path):
+    """Every DeepSpeed cell of docs/parallel.md's matrix for the objectives trained by ``pretrain
+    fit``: 2 steps that train, or the documented refusal. Two launches (2 and 4 ranks)."""
+    cells, messages = documented_matrix()
+    objectives = matrix_objectives(pipeline_runs / "one", mim_runs / "vqkd")
+    from pretrain.objectives import list_objectives
+
+    assert set(objectives) | {"align"} == set(list_objectives())  # a new objective gets a row
+    outcomes = {}
+    for ranks in (2, 4):
+        todo = [{"name": f"{name}|{col}", "recipe": recipe,
+                 "args": [*args, "engine=deepspeed", *extra, f"run_dir={tmp_path / name / col.replace(' ', '')}"]}
+                for col, r, extra in MATRIX_COLUMNS if r == ranks for name, (recipe, args) in objectives.items()]
+        (tmp_path / "cells.json").write_text(json.dumps(todo))
+        out = tmp_path / f"out{ranks}.json"
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(find_free_port()),
+               "tests/ds_matrix_worker.py", str(tmp_path / "cells.json"), str(out)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=_env())
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+        outcomes.update(json.loads(out.read_text()))
+    for name in objectives:
+        for col, _, _ in MATRIX_COLUMNS:
+            want, got = cells[(name, col)], outcomes[f"{name}|{col}"]
+            if want == "ok":
+                assert got == "ok", (name, col, got)
+                assert len(losses(tmp_path / name / col.replace(" ", ""))) == 2
+            else:
+                assert got.startswith("refused: ") and messages[want] in got, (name, col, got)
+
+
+def test_support_matrix_align_row():
+    """align (heads on cached embeddings, trained by ``pretrain search align``): its refusals."""
+    from test_objectives import _tiny_objective
+    from pretrain.engines.pipeline import PipelineConfigError, build_pipeline
+    from pretrain.config import load_config
+    from pretrain.parallel import TensorParallelError, apply_tensor_parallel
+
+    cells, messages = documented_matrix()
+    align = _tiny_objective("align")
+    cfg = load_config(None, [*VIT, "engine=deepspeed", "parallel.pp=2"])
+    with pytest.raises(PipelineConfigError) as exc:
+        build_pipeline(cfg, align, None, None, SimpleNamespace(pp=2, tp=1, dp=1), {})
+    assert messages[cells[("align", "pp=2")]] in str(exc.value)
+    with pytest.raises(TensorParallelError) as exc:
+        apply_tensor_parallel(align, SimpleNamespace(tp=2, tp_group=None))
+    assert messages[cells[("align", "tp=2")]] in str(exc.value)

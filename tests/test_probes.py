@@ -109,6 +109,18 @@ def test_linear_probe_separable_blobs():
     }
 
 
+def test_linear_probe_with_one_configuration_needs_no_validation_split():
+    """A grid of one (lr, weight decay) has nothing to select: every train sample is fitted, so a
+    class may have a single labelled sample (the 1%-label tables)."""
+    tx, ty, vx, vy = make_blobs(400, 400)
+    one = np.concatenate([np.flatnonzero(ty == c)[:1] for c in range(4)])  # one sample per class
+    res = linear_probe(tx[one], ty[one], vx, vy, lrs=(0.01,), weight_decays=(1e-4,), epochs=50)
+    assert res["best_lr"] == 0.01 and np.isnan(res["val_acc"]) and len(res["grid"]) == 1
+    assert res["test_acc"] > 0.9  # the blobs are far apart: one sample each suffices
+    with pytest.raises(ValueError, match=r"at least 2 train samples per class"):
+        linear_probe(tx[one], ty[one], vx, vy)  # a grid to choose from still needs the split
+
+
 def test_linear_probe_random_labels_is_near_chance():
     tx, _, vx, _ = make_blobs(400, 400)
     rng = np.random.default_rng(1)

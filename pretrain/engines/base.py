@@ -96,6 +96,40 @@ def projections_of(model: nn.Module) -> list:
     return list(fn()) if fn is not None else []
 
 
+def tensor_names(module: nn.Module) -> dict[int, str]:
+    """``id(tensor) -> name`` for every parameter and buffer of ``module``."""
+    names = {id(t): n for n, t in module.named_buffers()}
+    names.update({id(p): n for n, p in module.named_parameters()})
+    return names
+
+
+def optimizer_state_by_name(optimizer, names: dict[int, str]) -> dict[str, dict]:
+    """The optimizer's per-parameter state (``exp_avg``, ``momentum_buffer``, ``step``, ...) keyed by
+    parameter name instead of position, copied: state that does not depend on how parameters are
+    grouped, ordered or cut."""
+    out = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p in optimizer.state and id(p) in names:
+                out[names[id(p)]] = {k: v.detach().clone() if torch.is_tensor(v) else v
+                                     for k, v in optimizer.state[p].items()}
+    return out
+
+
+def load_optimizer_state_by_name(optimizer, names: dict[int, str], state: dict[str, dict],
+                                 cut: Callable[[str, torch.Tensor], torch.Tensor] = lambda n, t: t) -> None:
+    """Set the per-parameter state of ``optimizer`` from :func:`optimizer_state_by_name`'s dict;
+    ``cut(name, full)`` maps a whole-parameter state tensor to this rank's piece (tensor
+    parallelism). Scalars (``step``) are taken as they are."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            name = names.get(id(p))
+            if name is None or name not in state:
+                continue
+            optimizer.state[p] = {k: cut(name, v).to(p.device).clone() if torch.is_tensor(v) and v.dim() > 0
+                                  else v for k, v in state[name].items()}
+
+
 class Engine:
     """The interface of every engine.
 
@@ -167,6 +201,17 @@ class Engine:
         the result. Default: here, on the module. A pipeline engine restores the whole model on
         its first stage for the call."""
         return fn(self.module)
+
+    def portable_state(self) -> dict | None:
+        """The training state in the one-process layout, keyed by parameter name: ``{"model": state
+        dict, "optimizer": per-parameter state, "schedule", "steps"}`` on rank 0 (None on other
+        ranks, and from engines that cannot give it). Every rank calls it together. A checkpoint
+        that holds it (``portable.pt``) resumes under another layout (:meth:`load_portable`)."""
+        return None
+
+    def load_portable(self, state: dict) -> None:
+        """Restore :meth:`portable_state`'s dict, cutting it for this rank's layout."""
+        raise NotImplementedError(f"engine {self.name} cannot resume from another layout's checkpoint")
 
     def save(self, directory, client_state: dict) -> None:
         raise NotImplementedError

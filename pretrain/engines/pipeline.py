@@ -25,7 +25,8 @@ from torch import nn
 
 from data.common import UserError
 
-from .base import Engine, NonFiniteLossError, autocast_context
+from .base import (Engine, NonFiniteLossError, autocast_context, load_optimizer_state_by_name, optimizer_state_by_name,
+                   tensor_names)
 
 LAYER_MAP = "pipeline_layers.json"
 
@@ -61,13 +62,6 @@ def _pipe_module(spec, **kwargs):
     return ObjectivePipe()
 
 
-def _tensor_names(module: nn.Module) -> dict[int, str]:
-    """``id(tensor) -> name`` for every parameter and buffer of ``module``."""
-    names = {id(t): n for n, t in module.named_buffers()}
-    names.update({id(p): n for n, p in module.named_parameters()})
-    return names
-
-
 class PipelineEngine(Engine):
     """:class:`~pretrain.engines.base.Engine` over DeepSpeed's ``PipelineEngine``.
 
@@ -91,7 +85,7 @@ class PipelineEngine(Engine):
 
         spec = objective.pipeline_spec()
         layers = list(spec.layers)
-        names = _tensor_names(objective)
+        names = tensor_names(objective)
         owned = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
         outside = [n for n, p in objective.named_parameters() if p.requires_grad and id(p) not in owned]
         if outside:
@@ -124,6 +118,9 @@ class PipelineEngine(Engine):
         self.last_grad_norm = None
         if self.grad_clip > 0:
             optimizer.register_step_pre_hook(self._clip)
+        from .zero import _forget_previous_mpu
+
+        _forget_previous_mpu()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer,
                                                                  lr_scheduler=schedule, config=config)
         self.spec, self.layout, self.objective = spec, layout, objective
@@ -226,6 +223,41 @@ class PipelineEngine(Engine):
             raise RuntimeError(f"pipeline stages did not return {missing[:5]}")
         state.update(full)
         return state
+
+    def portable_state(self) -> dict | None:
+        """Under ZeRO-0: every stage's tensors and per-parameter optimizer state, gathered by name."""
+        import torch.distributed as dist
+
+        if self.zero_stage != 0:
+            return None
+        mine = {"model": self._stage_state(),
+                "optimizer": optimizer_state_by_name(self.optimizer, tensor_names(self.objective))}
+        parts = [None] * self.layout.pp
+        dist.all_gather_object(parts, mine, group=self.layout.pp_group)
+        if self.rank != 0:
+            return None
+        state = self.objective.state_dict()
+        opt = {}
+        for p in parts:
+            state.update(p["model"])
+            opt.update(p["optimizer"])
+        return {"model": state, "optimizer": opt, "schedule": self.schedule.state_dict(), "steps": self.steps}
+
+    def load_portable(self, state: dict) -> None:
+        from .zero import DeepSpeedCheckpointError
+
+        if self.zero_stage != 0:
+            raise DeepSpeedCheckpointError(f"resuming under another layout needs ZeRO-0 in this run (it has ZeRO-"
+                                           f"{self.zero_stage})")
+        with torch.no_grad():
+            for n, t in [*self.objective.named_parameters(), *self.objective.named_buffers()]:
+                if n in self.local_names:
+                    t.copy_(state["model"][n])
+        load_optimizer_state_by_name(self.optimizer, tensor_names(self.objective), state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.steps = int(state["steps"])
+        self.engine.global_steps = self.steps
+        self.engine.micro_steps = self.steps * self.grad_accum
 
     # -- checkpoints ------------------------------------------------------------------------------------
 

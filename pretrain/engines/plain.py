@@ -8,7 +8,7 @@ from torch import nn
 
 from data.common import UserError
 
-from .base import Engine, autocast_context, projections_of
+from .base import Engine, autocast_context, load_optimizer_state_by_name, projections_of, tensor_names
 
 
 class PlainEngine(Engine):
@@ -76,6 +76,18 @@ class PlainEngine(Engine):
         self.micro_step = int(state.get("micro_step", 0))
         self.steps = int(state.get("steps", self.micro_step // self.grad_accum))
 
+    def portable_state(self) -> None:
+        """None: the plain checkpoint's state.pt is already the one-process layout
+        (:func:`portable_from_plain` reads it by name), so no second copy is written."""
+        return None
+
+    def load_portable(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        load_optimizer_state_by_name(self.optimizer, tensor_names(self.module), state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.steps = int(state["steps"])
+        self.micro_step = self.steps * self.grad_accum
+
     def save(self, directory, client_state: dict) -> None:
         """Write model, optimizer, schedule and ``client_state`` into ``directory/state.pt``."""
         torch.save({"engine": self.state_dict(), "client": client_state}, Path(directory) / "state.pt")
@@ -90,6 +102,28 @@ class PlainEngine(Engine):
 
     def full_state_dict(self, checkpoint_dir=None) -> dict:
         return self.module.state_dict()
+
+
+def portable_from_plain(directory, objective: nn.Module) -> dict:
+    """A plain checkpoint's state (``state.pt``) as :meth:`Engine.portable_state` gives it: the
+    optimizer's positional state keyed by parameter name, positions numbered as the optimizer was
+    built (``objective.param_groups()`` in order, which the same config reproduces)."""
+    path = Path(directory) / "state.pt"
+    if not path.is_file():
+        raise CheckpointFormatError(f"checkpoint '{directory}' has no state.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    engine, client = saved["engine"], saved["client"]
+    names = tensor_names(objective)
+    order = [names[id(p)] for g in objective.param_groups() for p in g["params"]]
+    opt = engine["optimizer"]
+    by_index = {i: n for i, n in enumerate(order)}
+    positions = [i for g in opt["param_groups"] for i in g["params"]]
+    if len(positions) != len(order):
+        raise CheckpointFormatError(f"checkpoint '{directory}': its optimizer holds {len(positions)} parameters, this "
+                                    f"run's objective {len(order)}; resume with the config it was written with")
+    state = {by_index[i]: v for i, v in opt["state"].items()}
+    return {"model": engine["model"], "optimizer": state, "schedule": engine["schedule"],
+            "steps": int(engine.get("steps", engine.get("micro_step", 0))), "client": client}
 
 
 class CheckpointFormatError(UserError, FileNotFoundError):

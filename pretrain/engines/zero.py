@@ -12,7 +12,8 @@ from torch import nn
 
 from data.common import UserError
 
-from .base import Engine, autocast_context, map_tensors, projections_of
+from .base import (Engine, autocast_context, load_optimizer_state_by_name, map_tensors, optimizer_state_by_name,
+                   projections_of, tensor_names)
 
 
 class DeepSpeedConfigError(UserError, ValueError):
@@ -136,6 +137,7 @@ class DeepSpeedEngine(Engine):
         # the layout answers DeepSpeed's mpu questions when the world is not one data-parallel group
         mpu = layout if layout is not None and layout.dp != dist.get_world_size() else None
         self.layout = layout
+        _forget_previous_mpu()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=schedule, config=config, mpu=mpu)
         self.module = self.engine.module
@@ -206,6 +208,51 @@ class DeepSpeedEngine(Engine):
     def tp(self) -> int:
         return self.layout.tp if self.layout is not None else 1
 
+    @property
+    def portable(self) -> bool:
+        """ZeRO-0 in fp32 or autocast: the client optimizer steps the module's own parameters, so its
+        state reads and writes per parameter (ZeRO 1-3 keep it in flat partitions)."""
+        return self.zero_stage == 0 and not self.native_bf16
+
+    def portable_state(self) -> dict | None:
+        if not self.portable:
+            return None
+        names = tensor_names(self.module)
+        opt = optimizer_state_by_name(self.engine.optimizer, names)
+        if self.tp > 1:  # shards of the model and of the per-parameter state, put back together
+            from ..parallel.tensor_parallel import gather_tensor_parallel_state
+
+            model = gather_tensor_parallel_state(self.module, self.layout.tp_group)
+            for key in sorted({k for st in opt.values() for k, v in st.items() if torch.is_tensor(v) and v.dim()}):
+                full = gather_tensor_parallel_state(self.module, self.layout.tp_group,
+                                                    {n: st[key] for n, st in sorted(opt.items()) if key in st})
+                for n, v in full.items():
+                    opt[n][key] = v
+        else:
+            model = self.module.state_dict()
+        if self.rank != 0:
+            return None
+        return {"model": model, "optimizer": opt, "schedule": self.schedule.state_dict(), "steps": self.steps}
+
+    def load_portable(self, state: dict) -> None:
+        if not self.portable:
+            raise DeepSpeedCheckpointError(f"resuming under another layout needs ZeRO-0 in this run (it has ZeRO-"
+                                           f"{self.zero_stage}{' and DeepSpeed bf16' if self.native_bf16 else ''})")
+        cut = lambda name, t: t  # noqa: E731
+        model = state["model"]
+        if self.tp > 1:
+            from ..parallel.tensor_parallel import shard_full_state, tensor_parallel_splits
+
+            splits = tensor_parallel_splits(self.module)
+            model = shard_full_state(model, self.module)
+            cut = lambda name, t: splits[name].shard(t) if name in splits else t  # noqa: E731
+        self.module.load_state_dict(model)
+        load_optimizer_state_by_name(self.engine.optimizer, tensor_names(self.module), state["optimizer"], cut)
+        self.schedule.load_state_dict(state["schedule"])
+        self.steps = int(state["steps"])
+        self.engine.global_steps = self.steps
+        self.engine.micro_steps = self.steps * self.grad_accum
+
     def save(self, directory, client_state: dict) -> None:
         """Every rank writes its shards into ``directory`` (a checkpoint's temporary directory); under
         tensor parallelism rank 0 adds ``tensor_parallel.json``, how each sharded tensor was cut."""
@@ -238,6 +285,15 @@ class DeepSpeedEngine(Engine):
 
         dist.barrier()
         return consolidate_deepspeed_checkpoint(checkpoint_dir) if self.rank == 0 else None
+
+
+def _forget_previous_mpu() -> None:
+    """DeepSpeed keeps the last engine's model-parallel unit in a module global and reads it when
+    the next engine has none: a data-parallel run after a pipeline or tensor-parallel one in the
+    same process would take the old layout's sizes. Each engine starts from its own."""
+    from deepspeed.utils import groups
+
+    groups.mpu = None
 
 
 @torch.no_grad()

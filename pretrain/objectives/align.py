@@ -45,6 +45,9 @@ class AlignObjectiveConfig:
 class Align(Objective):
     """Two MLP heads trained with symmetric InfoNCE on (image embedding, caption embedding) pairs."""
 
+    # why it cannot run as pipeline stages (parallel.pp > 1); docs/parallel.md
+    pipeline_refusal = ("two small heads over cached embeddings: nothing deep enough to cut")
+
     towers = ()
     batch = "embedded_pairs"
     pretraining = False

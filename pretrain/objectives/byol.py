@@ -61,6 +61,10 @@ class BYOL(Objective):
     target projection of the other view; the two terms are summed as in the paper.
     """
 
+    # why it cannot run as pipeline stages (parallel.pp > 1); docs/parallel.md
+    pipeline_refusal = ("two networks (online and EMA target) each encode both views and meet only in the loss; a chain of "
+                        "stages carries one network (not cut yet: use ZeRO, or tp with a ViT)")
+
     view_recipe = "byol"
     has_ema_teacher = True
     # How the teacher is averaged: models.ema_update_ on whole tensors by default; an engine that

@@ -61,6 +61,10 @@ class ClipConfig:
 class Clip(Objective):
     """Two towers and two linear projections trained by a contrastive image-text loss."""
 
+    # why it cannot run as pipeline stages (parallel.pp > 1); docs/parallel.md
+    pipeline_refusal = ("two towers (image and text) meet only in the contrastive loss; a chain of stages holds one (use "
+                        "ZeRO, grad_chunks, or tp)")
+
     towers = ("image", "text")
     supports_grad_chunks = True
     batch = "pairs"

@@ -45,6 +45,10 @@ class Distill(ClassifierObjective):
         teacher: a classifier module (images -> logits) to use instead of loading ``cfg.teacher``.
     """
 
+    # why it cannot run as pipeline stages (parallel.pp > 1); docs/parallel.md
+    pipeline_refusal = ("the frozen teacher classifier runs beside the student on every image (not cut yet: use ZeRO, or tp "
+                        "with a ViT)")
+
     kind = "distill"
     # the unlabelled stream draws with seed + 1, the labelled one (alpha > 0) with seed
     stream_seed_offset = 1

@@ -28,6 +28,10 @@ class SimclrConfig:
 class SimCLR(Objective):
     """Contrast two views of each image against every other image of the (global) batch."""
 
+    # why it cannot run as pipeline stages (parallel.pp > 1); docs/parallel.md
+    pipeline_refusal = ("its NT-Xent loss compares every view with every other view of the batch, so both views' encodings "
+                        "must reach the loss together (not cut yet: use ZeRO, or tp with a ViT)")
+
     view_recipe = "simclr"
     supports_grad_chunks = True
 

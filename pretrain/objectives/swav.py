@@ -72,6 +72,10 @@ class SwAV(Objective):
     fill level and the step counter are saved with checkpoints (``state_dict_extra``).
     """
 
+    # why it cannot run as pipeline stages (parallel.pp > 1); docs/parallel.md
+    pipeline_refusal = ("multi-crop views of two sizes go through the backbone separately and the Sinkhorn assignment needs "
+                        "the whole batch's scores")
+
     view_recipe = "simclr"
     multi_crop = True
     local_views = 6  # the paper's 2 x 224 + 6 x 96

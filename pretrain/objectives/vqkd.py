@@ -433,6 +433,10 @@ class Vqkd(TokenizerParts, Objective):
         teacher: a :class:`TeacherFeatures` to use instead of loading ``cfg.teacher``.
     """
 
+    # why it cannot run as pipeline stages (parallel.pp > 1); docs/parallel.md
+    pipeline_refusal = ("the codebook's k-means initialisation and EMA update run inside forward, on the encoder's output of "
+                        "the whole batch")
+
     view_recipe = "light"
     num_views = 1
     eval_split = "test"

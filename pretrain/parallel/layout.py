@@ -150,6 +150,12 @@ class ParallelLayout:
     def describe(self) -> str:
         return f"dp={self.dp} x tp={self.tp} x pp={self.pp}"
 
+    @staticmethod
+    def parse(text: str) -> "ParallelLayout":
+        """The sizes of a :meth:`describe` string (``"dp=2 x tp=1 x pp=2"``), as a layout without groups."""
+        sizes = dict(part.strip().split("=") for part in text.split(" x "))
+        return ParallelLayout(dp=int(sizes["dp"]), tp=int(sizes["tp"]), pp=int(sizes["pp"]))
+
     # -- the mpu interface DeepSpeed reads -----------------------------------------------------------------
 
     def get_data_parallel_group(self):
