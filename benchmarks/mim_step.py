@@ -209,7 +209,8 @@ def run_case(a: dict, case: str) -> dict:
             "s_per_image": med / a["batch"], "peak_rss_mib": _rss_mib(), "rss_before_steps_mib": rss_built}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (for a benchmark's machine line)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -291,7 +292,7 @@ def main() -> None:
     emit("# MIM step benchmark (`python -m benchmarks.mim_step`)")
     emit()
     emit(f"- date: {time.strftime('%Y-%m-%d %H:%M')}")
-    emit(f"- machine: {_cpu_model()}, {torch.get_num_threads()} torch threads; bf16 matmul kernels: {_bf16_kernels()}")
+    emit(f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads; bf16 matmul kernels: {_bf16_kernels()}")
     emit(f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
     emit(f"- dtype: {args.precision}{' (autocast, fp32 weights)' if args.precision == 'bf16' else ''}")
     emit(f"- ViT: width {args.dim}, {args.depth} blocks, {args.heads} heads, {args.image_size} px, patches of "
@@ -299,7 +300,7 @@ def main() -> None:
          f"{args.warmup} warm-up")
     emit(f"- command: `{' '.join(['python -m benchmarks.mim_step', *sys.argv[1:]])}`")
     rows: dict = {"args": {k: v for k, v in a.items() if k not in ("case", "case_args")},
-                  "machine": {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                               "transformers": transformers.__version__, "bf16_kernels": _bf16_kernels()}}
 
     if "beit" in parts:
