@@ -13,6 +13,7 @@ from .dist import (all_reduce_max_, all_reduce_mean, all_reduce_sum_, data_paral
 from .nt_xent import nt_xent_loss
 from .siglip import siglip_loss
 from .swav import sinkhorn, swav_loss
+from .vatt import mil_nce_loss, nce_loss
 
 __all__ = [
     "byol_loss",
@@ -23,6 +24,8 @@ __all__ = [
     "distillation_loss",
     "sinkhorn",
     "swav_loss",
+    "nce_loss",
+    "mil_nce_loss",
     "gather_with_grad",
     "world_size",
     "rank",

@@ -159,7 +159,8 @@ def _scalars(metrics: dict, dp_size: int = 1) -> dict:
 
 
 #: a checkpoint's one-process copy of the training state (model, per-parameter optimizer state by
-#: name, schedule, step, client state), written where the engine can give it (plain, ZeRO-0)
+#: name, schedule, step, client state), written by the DeepSpeed engines that can give it (ZeRO 0-2;
+#: pipelines ZeRO-0); a plain run's state.pt is read as one
 PORTABLE = "portable.pt"
 
 
@@ -177,8 +178,9 @@ def check_resume_layout(meta: dict, layout: ParallelLayout, ckpt) -> None:
     if (saved.tp, saved.pp) != (layout.tp, layout.pp):
         raise RunError(f"--resume: checkpoint '{ckpt}' was written with parallel.tp={saved.tp} parallel.pp={saved.pp}, "
                        f"this run has tp={layout.tp} pp={layout.pp}; resuming with the model cut differently needs "
-                       f"the checkpoint's {PORTABLE}, which runs under ZeRO-0 write: resume with the same parallel.* "
-                       f"settings, or start a new run from the exported weights (model.image.init=RUN_DIR)")
+                       f"the checkpoint's {PORTABLE}, which DeepSpeed runs under ZeRO 0-2 write (pipelines: "
+                       f"ZeRO-0): resume with the same parallel.* settings, or start a new run from the exported "
+                       f"weights (model.image.init=RUN_DIR)")
 
 
 def make_engine(cfg: RunConfig, objective, layout: ParallelLayout, channels_last: bool = False):
@@ -254,7 +256,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                 check_resume_layout(meta, layout, ckpt)  # names the difference
                 raise RunError(f"--resume: checkpoint '{ckpt}' was written by engine={meta.get('engine')}, "
                                f"this run uses engine={cfg.engine}; resuming under another engine or layout needs "
-                               f"the checkpoint's {PORTABLE}, which runs under ZeRO-0 write")
+                               f"the checkpoint's {PORTABLE}, which DeepSpeed runs under ZeRO 0-2 write (pipelines: ZeRO-0)")
             engine.load_portable(portable)
             client = portable["client"]
         if hasattr(objective, "load_state_dict_extra"):

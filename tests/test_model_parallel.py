@@ -70,6 +70,7 @@ def pipeline_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
     plain(*VIT, "max_steps=5", f"run_dir={root / 'one'}")
     plain(*VIT, "max_steps=5", "stop_at=3", f"run_dir={root / 'plain_to_pp'}")
+    plain(*VIT, "max_steps=5", "stop_at=3", f"run_dir={root / 'plain_to_zero2'}")
     pp = [*VIT, "engine=deepspeed", "parallel.pp=2", "max_steps=5"]
     launch_runs(root, [[*pp, f"run_dir={root / 'pp'}"],
                        [*pp, "parallel.partition=uniform", "parallel.activation_checkpoint=1",
@@ -81,8 +82,14 @@ def pipeline_runs(tmp_path_factory):
                        [*VIT, "engine=deepspeed", "batch_size=8", "max_steps=5", "stop_at=3",
                         f"run_dir={root / 'dp2_to_one'}"],
                        [*pp, "stop_at=3", f"run_dir={root / 'pp_to_one'}"],
-                       ["--resume", str(root / "plain_to_pp"), "engine=deepspeed", "parallel.pp=2"]])
+                       ["--resume", str(root / "plain_to_pp"), "engine=deepspeed", "parallel.pp=2"],
+                       # ZeRO-2: the optimizer state in flat partitions, read and set per parameter
+                       [*VIT, "engine=deepspeed", "deepspeed.zero_stage=2", "batch_size=8", "max_steps=5",
+                        "stop_at=3", f"run_dir={root / 'zero2_to_one'}"],
+                       ["--resume", str(root / "plain_to_zero2"), "engine=deepspeed", "deepspeed.zero_stage=2",
+                        "batch_size=8"]])
     plain("--resume", str(root / "dp2_to_one"), "engine=plain", "batch_size=16")
+    plain("--resume", str(root / "zero2_to_one"), "engine=plain", "batch_size=16")
     plain("--resume", str(root / "pp_to_one"), "engine=plain", "parallel.pp=1")
     return root
 
@@ -167,8 +174,10 @@ def tensor_parallel_runs(tmp_path_factory):
                        [*tp, "deepspeed.zero_stage=1", f"run_dir={root / 'tp_z1'}"],
                        [*tp, "stop_at=3", f"run_dir={root / 'stopped'}"],
                        ["--resume", str(root / "stopped")],
-                       [*tp, "stop_at=3", f"run_dir={root / 'tp_to_one'}"]])
+                       [*tp, "stop_at=3", f"run_dir={root / 'tp_to_one'}"],
+                       [*tp, "deepspeed.zero_stage=1", "stop_at=3", f"run_dir={root / 'tp_zero1_to_one'}"]])
     plain("--resume", str(root / "tp_to_one"), "engine=plain", "parallel.tp=1")
+    plain("--resume", str(root / "tp_zero1_to_one"), "engine=plain", "parallel.tp=1")
     return root
 
 
@@ -327,12 +336,15 @@ def matrix_objectives(teacher, tokenizer) -> dict:
 @pytest.mark.parametrize("run,layouts", [("plain_to_pp", ("dp=1 x tp=1 x pp=1", "dp=1 x tp=1 x pp=2")),
                                          ("pp_to_one", ("dp=1 x tp=1 x pp=2", "dp=1 x tp=1 x pp=1")),
                                          ("dp2_to_one", ("dp=2 x tp=1 x pp=1", "dp=1 x tp=1 x pp=1")),
-                                         ("tp_to_one", ("dp=1 x tp=2 x pp=1", "dp=1 x tp=1 x pp=1"))])
+                                         ("tp_to_one", ("dp=1 x tp=2 x pp=1", "dp=1 x tp=1 x pp=1")),
+                                         ("zero2_to_one", ("dp=2 x tp=1 x pp=1", "dp=1 x tp=1 x pp=1")),
+                                         ("plain_to_zero2", ("dp=1 x tp=1 x pp=1", "dp=2 x tp=1 x pp=1")),
+                                         ("tp_zero1_to_one", ("dp=1 x tp=2 x pp=1", "dp=1 x tp=1 x pp=1"))])
 def test_resume_on_another_layout_continues_the_loss_curve(pipeline_runs, tensor_parallel_runs, run, layouts):
     """Stopped at step 3 under one layout, resumed under another (model, AdamW state, LR schedule,
     data position from the checkpoint's one-process copy): steps 4-5 continue the run that never
     stopped. Tolerance 1e-4, that of a change of layout (sums in another order), not 1e-6."""
-    root = tensor_parallel_runs if run == "tp_to_one" else pipeline_runs
+    root = tensor_parallel_runs if run.startswith("tp_") else pipeline_runs
     got, ref = losses(root / run), losses(pipeline_runs / "one")
     assert len(got) == 5
     assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)

@@ -210,15 +210,57 @@ class DeepSpeedEngine(Engine):
 
     @property
     def portable(self) -> bool:
-        """ZeRO-0 in fp32 or autocast: the client optimizer steps the module's own parameters, so its
-        state reads and writes per parameter (ZeRO 1-3 keep it in flat partitions)."""
-        return self.zero_stage == 0 and not self.native_bf16
+        """Whether the optimizer state reads and writes per parameter: ZeRO-0 (the client optimizer
+        steps the module's own parameters) and ZeRO 1-2 (flat partitions, read and written per
+        parameter through DeepSpeed's ``safe_*_full_optimizer_state``), in fp32 or autocast. Not
+        ZeRO-3 (partitioned parameters) nor DeepSpeed's own bf16 mode."""
+        return self.zero_stage <= 2 and not self.native_bf16
+
+    def _flat_state(self) -> dict:
+        """ZeRO 1-2: one state entry of the inner optimizer (over flat partitions), for its keys and scalars."""
+        inner = self.engine.optimizer.optimizer
+        return next((st for st in inner.state.values() if st), {})
+
+    def _link_flat_state(self, like: dict | None = None) -> None:
+        """ZeRO 1-2: make DeepSpeed's per-parameter views into the flat optimizer state (``safe_*``).
+        It links them after a step; a run resumed before its first step has no state yet, so one is
+        made here with the keys of ``like`` (zeros, to be overwritten)."""
+        zero = self.engine.optimizer
+        inner = zero.optimizer
+        if like:
+            for group in inner.param_groups:
+                for flat in group["params"]:
+                    if not inner.state.get(flat):
+                        inner.state[flat] = {k: torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() > 0
+                                             else (v.clone() if torch.is_tensor(v) else v) for k, v in like.items()}
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+    def _optimizer_state(self, names: dict) -> dict:
+        """Per-parameter optimizer state by name, each tensor this rank's piece of the tensor-parallel
+        cut (whole under ZeRO 0; assembled over the data-parallel group under ZeRO 1-2: a collective)."""
+        if self.zero_stage == 0:
+            return optimizer_state_by_name(self.engine.optimizer, names)
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._link_flat_state()
+        flat = self._flat_state()
+        keys = sorted(k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0)
+        scalars = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in flat.items() if k not in keys}
+        out = {}
+        for n, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            full = {k: safe_get_full_optimizer_state(p, k) for k in keys}  # a collective per tensor
+            if all(v is not None for v in full.values()):  # None: a parameter the optimizer does not step
+                out[n] = {**scalars, **{k: v.detach().clone() for k, v in full.items()}}
+        return out
 
     def portable_state(self) -> dict | None:
         if not self.portable:
             return None
         names = tensor_names(self.module)
-        opt = optimizer_state_by_name(self.engine.optimizer, names)
+        opt = self._optimizer_state(names)
         if self.tp > 1:  # shards of the model and of the per-parameter state, put back together
             from ..parallel.tensor_parallel import gather_tensor_parallel_state
 
@@ -236,7 +278,7 @@ class DeepSpeedEngine(Engine):
 
     def load_portable(self, state: dict) -> None:
         if not self.portable:
-            raise DeepSpeedCheckpointError(f"resuming under another layout needs ZeRO-0 in this run (it has ZeRO-"
+            raise DeepSpeedCheckpointError(f"resuming under another layout needs ZeRO 0-2 in this run (it has ZeRO-"
                                            f"{self.zero_stage}{' and DeepSpeed bf16' if self.native_bf16 else ''})")
         cut = lambda name, t: t  # noqa: E731
         model = state["model"]
@@ -247,7 +289,29 @@ class DeepSpeedEngine(Engine):
             model = shard_full_state(model, self.module)
             cut = lambda name, t: splits[name].shard(t) if name in splits else t  # noqa: E731
         self.module.load_state_dict(model)
-        load_optimizer_state_by_name(self.engine.optimizer, tensor_names(self.module), state["optimizer"], cut)
+        if self.zero_stage == 0:
+            load_optimizer_state_by_name(self.engine.optimizer, tensor_names(self.module), state["optimizer"], cut)
+        else:  # the fp32 master copy and the optimizer state live in flat partitions: set per parameter
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            like = next(iter(state["optimizer"].values()), {})
+            self._link_flat_state(like)
+            flat = self._flat_state()
+            scalars = None
+            for n, p in self.module.named_parameters():
+                if not p.requires_grad or not hasattr(p, "_hp_mapping"):
+                    continue
+                safe_set_full_fp32_param(p, p.detach().float())
+                saved = state["optimizer"].get(n, {})
+                for k, v in saved.items():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        safe_set_full_optimizer_state(p, cut(n, v).float(), k)
+                    elif scalars is None or k not in scalars:
+                        scalars = {**(scalars or {}), k: v}
+            for st in self.engine.optimizer.optimizer.state.values():
+                for k, v in (scalars or {}).items():
+                    if k in flat:
+                        st[k] = v.clone() if torch.is_tensor(v) else v
         self.schedule.load_state_dict(state["schedule"])
         self.steps = int(state["steps"])
         self.engine.global_steps = self.steps
