@@ -315,7 +315,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
 
         res = engine.run_evaluation(run)
         engine.train()
-        return {f"{eval_split}_{k}": float(v) for k, v in res.items()}
+        return {f"{eval_split}_{k}": v for k, v in res.items()}
 
     from tqdm.auto import tqdm
 

@@ -5,7 +5,6 @@ imports and its communication op once.
 """
 import json
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +12,8 @@ import pytest
 import torch
 
 from dist_helpers import find_free_port
+from test_deepspeed import DEEPSPEED, ROOT, _env, losses, plain  # one process, launcher, logged losses
 
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 # A supervised ViT (2 blocks of width 32) on sklearn's digits, fp32, no batch statistics anywhere: one
 # process and the pipeline compute the same sums, so the losses agree to float rounding; 4 micro-batches
@@ -24,12 +22,6 @@ VIT = ["objective=supervised", "data=digits", "image_size=16", "model.image.back
        "model.image.patch_size=4", "model.image.depth=2", "model.image.embed_dim=32", "model.image.num_heads=2",
        "supervised.head_layers=0", "batch_size=16", "optim.grad_accum=4", "optim.name=adamw", "optim.lr=0.003",
        "optim.warmup_steps=0", "precision=fp32", "log_every=1", "progress=false", "checkpoint_every=3"]
-
-
-def _env():
-    import os
-
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def launch_runs(tmp_path, runs, ranks=2, check=True):
@@ -43,18 +35,8 @@ def launch_runs(tmp_path, runs, ranks=2, check=True):
     return r
 
 
-def plain(*args):
-    r = subprocess.run([sys.executable, "-m", "launch", "fit", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env=_env())
-    assert r.returncode == 0, r.stderr[-4000:]
-
-
 def records(run):
     return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def losses(run):
-    return [r["loss"] for r in records(run) if "loss" in r]
 
 
 def weights(run):

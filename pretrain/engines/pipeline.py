@@ -77,13 +77,12 @@ class PipelineEngine(Engine):
 
     name = "deepspeed-pipeline"
 
-    def __init__(self, objective: nn.Module, optimizer, schedule, config: dict, layout, precision: str = "fp32",
+    def __init__(self, objective: nn.Module, spec, optimizer, schedule, config: dict, layout, precision: str = "fp32",
                  partition: str = "parameters", activation_checkpoint: int = 0):
         import deepspeed
         import torch.distributed as dist
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-        spec = objective.pipeline_spec()
         layers = list(spec.layers)
         names = tensor_names(objective)
         owned = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
@@ -137,7 +136,11 @@ class PipelineEngine(Engine):
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches; this pipeline runs "
                              f"{self.grad_accum} per optimizer step")
-        feed = iter([(self.spec.inputs(b), self.spec.labels(b)) for b in micro_batches])
+        # DeepSpeed reads the inputs on the first stage and the labels on the last only (labels may cost a
+        # forward pass, e.g. BEiT v2's tokenizer), so each stage prepares what it reads
+        first, last = self.engine.is_first_stage(), self.engine.is_last_stage()
+        feed = iter([(self.spec.inputs(b) if first else None, self.spec.labels(b) if last else None)
+                     for b in micro_batches])
         with autocast_context(self.precision):
             loss = self.engine.train_batch(data_iter=feed)
         self.steps += 1
@@ -314,8 +317,8 @@ def build_pipeline(cfg, objective: nn.Module, optimizer, schedule, layout, ds_cf
     from ..objectives import PipelineUnsupportedError
 
     try:
-        objective.pipeline_spec()
+        spec = objective.pipeline_spec()
     except PipelineUnsupportedError as exc:
         raise PipelineConfigError(f"parallel.pp={layout.pp}: {exc}") from None
-    return PipelineEngine(objective, optimizer, schedule, ds_cfg, layout, cfg.precision, cfg.parallel.partition,
+    return PipelineEngine(objective, spec, optimizer, schedule, ds_cfg, layout, cfg.precision, cfg.parallel.partition,
                           cfg.parallel.activation_checkpoint)

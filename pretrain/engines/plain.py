@@ -116,12 +116,11 @@ def portable_from_plain(directory, objective: nn.Module) -> dict:
     names = tensor_names(objective)
     order = [names[id(p)] for g in objective.param_groups() for p in g["params"]]
     opt = engine["optimizer"]
-    by_index = {i: n for i, n in enumerate(order)}
-    positions = [i for g in opt["param_groups"] for i in g["params"]]
-    if len(positions) != len(order):
-        raise CheckpointFormatError(f"checkpoint '{directory}': its optimizer holds {len(positions)} parameters, this "
+    held = sum(len(g["params"]) for g in opt["param_groups"])
+    if held != len(order):
+        raise CheckpointFormatError(f"checkpoint '{directory}': its optimizer holds {held} parameters, this "
                                     f"run's objective {len(order)}; resume with the config it was written with")
-    state = {by_index[i]: v for i, v in opt["state"].items()}
+    state = {order[i]: v for i, v in opt["state"].items()}
     return {"model": engine["model"], "optimizer": state, "schedule": engine["schedule"],
             "steps": int(engine.get("steps", engine.get("micro_step", 0))), "client": client}
 

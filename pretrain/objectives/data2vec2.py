@@ -347,15 +347,13 @@ class Data2Vec2(Objective):
         layers = [_D2vEmbed(vit, teacher, self.cfg.clones),
                   *[_D2vBlock(b, t, i in self.target_layers) for i, (b, t) in enumerate(zip(vit.blocks, teacher.blocks))],
                   _D2vTop(vit.norm, self.decoder, teacher.norm, self.decoder_input, k)]
-        cfg = self
-
         def inputs(batch):
             x = batch["views"][0]
             return x, self.batch_masks(x.shape[0], batch.get("step", 0), x.device).to(torch.uint8)
 
         def loss(outputs, _labels):
             pred, cls_token, y, mask = outputs
-            return cfg.loss_terms(pred, cls_token, y, mask.bool())
+            return self.loss_terms(pred, cls_token, y, mask.bool())
 
         names = ("reg_loss", "target_std", "pred_std", "ema_decay") + (("cls_loss",) if self.cfg.cls_weight > 0 else ())
         return PipelineSpec(layers=layers, inputs=inputs, labels=lambda b: torch.zeros(()), loss=loss, metrics=names)
