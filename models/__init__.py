@@ -21,6 +21,7 @@ from .vit import VisionTransformer
 from .text import TextTransformer
 from .efficientnet import EfficientNetLite0
 from .minilm import MiniLMText
+from .vatt import Vatt
 from .heads import MLPHead, WSLinear
 from .ema import ModelEMA, ema_update_, frozen_copy
 from .quantizer import NormEMAQuantizer, spherical_kmeans
@@ -41,6 +42,7 @@ __all__ = [
     "NormEMAQuantizer",
     "ResNet",
     "TextTransformer",
+    "Vatt",
     "VisionTransformer",
     "WSConv2d",
     "WSLinear",

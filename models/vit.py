@@ -38,6 +38,7 @@ from .registry import register_backbone
 __all__ = [
     "DropPath",
     "Attention",
+    "attend",
     "Mlp",
     "Block",
     "block_stack",
@@ -105,14 +106,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, N, D]`` -> ``[B, N, D]``."""
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x``: ``[B, N, D]`` -> ``[B, N, D]``; ``key_mask``: optional bool ``[B, N]``, True on the
+        tokens others may attend to (padding False); see :func:`attend`."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        out = attend(q, k, v, self.causal, key_mask)
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj(out)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+           key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scaled dot-product attention of ``[B, H, N, Dh]`` heads; ``key_mask`` (bool ``[B, N]``, True =
+    may be attended to) keeps queries off padding tokens. A causal mask and a key mask together are
+    not supported (no caller needs both)."""
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if causal:
+        raise ValueError("Attention: causal=True with a key_mask is not supported")
+    if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (q.shape[0], k.shape[2]):
+        raise ValueError(f"key_mask must be a bool tensor [B, N] = {[q.shape[0], k.shape[2]]}, got "
+                         f"{key_mask.dtype} {list(key_mask.shape)}")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
 
 
 class Mlp(nn.Module):
@@ -155,9 +172,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, N, D]`` -> ``[B, N, D]``."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x``: ``[B, N, D]`` -> ``[B, N, D]``; ``key_mask``: see :class:`Attention`."""
+        x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 

@@ -233,6 +233,48 @@ class EmbeddedPairsSchema(BatchSchema):
         return collate
 
 
+@SCHEMAS.register("clips")
+class ClipsSchema(BatchSchema):
+    """Audio-video-text clips (:mod:`data.clips`: ``moving_digits``, ``tuxpaint_clips``,
+    ``clips:MANIFEST.jsonl``): ``{"video" [B, 3, T, H, W] normalised, "audio" [B, S] waveform,
+    "text" [B, K, L] ids of up to ``clips.max_captions`` captions, "text_mask" [B, K], "label",
+    "index"}``. ``clips.frames`` frames of ``image_size`` pixels (0: 32), audio at
+    ``clips.sample_rate`` Hz cropped or padded to ``clips.audio_seconds``; evaluation batches hold
+    every clip of the split in order."""
+
+    def dataset(self, cfg, split):
+        from data.clips import build_clips
+
+        return build_clips(cfg.data, split, image_size=cfg.image_size or 32, frames=cfg.clips.frames,
+                           sample_rate=cfg.clips.sample_rate, audio_samples=audio_samples(cfg),
+                           clips_per_item=cfg.clips.per_item, seed=cfg.seed)
+
+    def eval_loader(self, cfg, info, ds):
+        from data.clips import clip_eval_loader
+
+        return clip_eval_loader(ds, self.tokenizer(cfg), max_captions=cfg.clips.max_captions)
+
+    def tokenizer(self, cfg: RunConfig):
+        return data_lib.create_tokenizer(cfg.tokenizer.name, cfg.tokenizer.context_length)
+
+    def tower_sizes(self, cfg, info):
+        tok = self.tokenizer(cfg)
+        return {"video": {"in_chans": info.channels, "image_size": image_size(cfg, info),
+                          "frames": info.extra["frames"], "audio_samples": info.extra["audio_samples"],
+                          "vocab_size": tok.vocab_size, "context_length": tok.context_length, "pad_id": tok.pad_id}}
+
+    def collate(self, cfg, objective, info, rank, world):
+        from data.clips import ClipCollate
+
+        return ClipCollate(self.tokenizer(cfg), info.mean, info.std, max_captions=cfg.clips.max_captions,
+                           seed=cfg.seed, rank=rank, world_size=world)
+
+
+def audio_samples(cfg: RunConfig) -> int:
+    """Samples of a clip's waveform: ``clips.audio_seconds`` at ``clips.sample_rate``."""
+    return max(1, round(cfg.clips.audio_seconds * cfg.clips.sample_rate))
+
+
 def schema_of(objective) -> BatchSchema:
     """The schema instance an objective declares (``objective.batch``)."""
     return SCHEMAS.get(objective.batch)()

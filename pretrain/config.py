@@ -39,6 +39,7 @@ class TowerConfig:
     num_heads: int = 0  # ViTs
     heads: int = 0  # text transformers
     patch_dropout: float = 0.0  # ViTs: FLIP's patch dropout in training, the fraction of patch tokens dropped
+    tubelet: int = 0  # video transformers (VATT): frames per video patch (0 = the backbone's own)
     init: str = ""  # a run directory of this project whose tower of this name starts this one ("" = random init)
 
 
@@ -75,6 +76,18 @@ class TokenizerConfig:
 
     name: str = "bytes"  # pretrain list shows the registered tokenizers
     context_length: int = 32
+
+
+@dataclass
+class ClipsConfig:
+    """Audio-video-text clips (objectives whose batch holds clips: ``vatt``; data/clips.py). The
+    frame side is ``image_size`` (0 = the source's own)."""
+
+    frames: int = 8  # video frames per clip
+    sample_rate: int = 8000  # audio resampled to this rate (Hz)
+    audio_seconds: float = 1.0  # audio cropped or zero-padded to this length
+    max_captions: int = 4  # captions a clip brings to a batch (MIL-NCE's positive set), at most
+    per_item: int = 8  # clips made from each item of a source that makes several (tuxpaint_clips: per stamp)
 
 
 @dataclass
@@ -181,6 +194,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     csv: CsvConfig = field(default_factory=CsvConfig)
+    clips: ClipsConfig = field(default_factory=ClipsConfig)
     # per-objective sections, filled from the objective registry (name -> Config instance)
     objectives: dict = field(default_factory=dict)
 
@@ -266,6 +280,12 @@ def check_values(cfg: RunConfig) -> None:
                           f"got {cfg.parallel.activation_checkpoint}")
     if cfg.eval_every < 0:
         raise ConfigError(f"config key 'eval_every': expected an integer >= 0 (0 = off), got {cfg.eval_every}")
+    for key in ("frames", "sample_rate", "max_captions", "per_item"):
+        if getattr(cfg.clips, key) < 1:
+            raise ConfigError(f"config key 'clips.{key}': expected an integer >= 1, got {getattr(cfg.clips, key)}")
+    if cfg.clips.audio_seconds <= 0:
+        raise ConfigError(f"config key 'clips.audio_seconds': expected a length > 0 in seconds, "
+                          f"got {cfg.clips.audio_seconds}")
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -53,6 +53,8 @@ def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):
     cfg.objectives[cfg.objective] = cls.resolve_config(cfg.objective_config, info)
     fixed = cls.fixed_modules(cfg.objective_config)  # before the towers draw their initial weights
     sizes = schema_of(cls).tower_sizes(cfg, info)
+    for tower, options in cls.tower_options(cfg.objective_config).items():
+        sizes[tower] = {**sizes.get(tower, {}), **options}
     towers = build_towers(cfg.model, cls.towers, sizes)
     objective = create_objective(cfg.objective, towers, cfg.objective_config, fixed=fixed)
     if uses_channels_last(cfg, info.channels):

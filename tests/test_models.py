@@ -31,6 +31,8 @@ from models.resnet import num_groups_for
 TINY_VIT = dict(image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
 N_PATCHES = (16 // 4) ** 2
 TINY_TEXT = dict(vocab_size=64, context_length=16, width=32, depth=2, heads=2)
+TINY_VATT = dict(frames=4, image_size=16, patch_size=8, audio_samples=1000, vocab_size=64, context_length=16, depth=2,
+                 embed_dim=32, num_heads=2)
 TEXT_LEN = 12
 
 
@@ -41,11 +43,16 @@ def tiny_kwargs(name: str) -> dict:
         return dict(TINY_VIT)
     if name.startswith("text"):
         return dict(TINY_TEXT)
+    if name.startswith("vatt"):
+        return dict(TINY_VATT)
     return {}
 
 
 def example_input(model: nn.Module) -> torch.Tensor:
-    """Two inputs for ``model``: token ids for a text tower, images otherwise."""
+    """Two inputs for ``model``: token ids for a text tower, clips for a multimodal one (VATT), images
+    otherwise."""
+    if hasattr(model, "modalities"):
+        return torch.randn(2, model.in_chans, model.frames, model.image_size, model.image_size)
     if hasattr(model, "vocab_size"):  # text towers
         return torch.randint(1, model.vocab_size, (2, TEXT_LEN))
     size = getattr(model, "image_size", 16)
@@ -128,6 +135,8 @@ def test_backbone_contract(name):
     feats = model.forward_features(x)
     if isinstance(model, VisionTransformer):
         assert feats.shape == (2, 1 + model.num_patches, model.embed_dim)
+    elif hasattr(model, "modalities"):
+        pass  # checked below, with every modality
     elif hasattr(model, "vocab_size"):  # text towers: one feature per token
         assert feats.shape == (2, TEXT_LEN, model.embed_dim)
     else:
@@ -140,7 +149,13 @@ def test_backbone_contract(name):
 
     model.train()
     model.zero_grad()
-    (model.forward_pooled(x) ** 2).mean().backward()
+    if hasattr(model, "modalities"):  # every modality's tokeniser gets a gradient from its own input
+        inputs = {"video": x, "audio": torch.randn(2, model.audio_samples),
+                  "text": torch.randint(1, model.vocab_size, (2, TEXT_LEN))}
+        assert feats.shape == (2, 1 + model.video_embed.num_tokens, model.embed_dim)
+        sum((model.forward_pooled(v, m) ** 2).mean() for m, v in inputs.items()).backward()
+    else:
+        (model.forward_pooled(x) ** 2).mean().backward()
     for pname, p in model.named_parameters():
         if pname == "mask_token":  # only used when a mask is given
             continue

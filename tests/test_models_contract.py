@@ -25,7 +25,9 @@ def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
     else:
         model = create_backbone(name)
     model.eval()
-    if hasattr(model, "vocab_size"):  # text towers take token ids
+    if hasattr(model, "modalities"):  # multimodal backbones (VATT): their pipeline layers take video
+        x = torch.randn(2, model.in_chans, model.frames, model.image_size, model.image_size)
+    elif hasattr(model, "vocab_size"):  # text towers take token ids
         x = torch.randint(1, model.vocab_size, (2, TEXT_LEN))
         x[1, 5:] = model.pad_id  # a padded row
     else:

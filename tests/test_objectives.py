@@ -40,6 +40,10 @@ def _tiny_objective(name):
 
         vit = create_backbone("vit_tiny", in_chans=1, image_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
         return create_objective(name, vit, clones=2, decoder_depth=1, mask_fill="learned")
+    if name == "vatt":  # video, audio and text on one backbone
+        from test_vatt import tiny_objective
+
+        return tiny_objective()
     if name in ("vqkd", "beit_v2"):  # BEiT v2: ViT towers, an in-memory teacher / tokenizer
         from test_beit_v2 import tiny_objective
 
@@ -62,8 +66,8 @@ IMAGE_OBJECTIVES = [n for n in list_objectives() if objective_class(n).towers ==
 
 def test_every_objective_is_covered_here():
     """Image objectives train one step below; the others have their own tests (align here, the
-    two-tower test objective in test_core.py, clip in test_clip.py)."""
-    assert set(list_objectives()) - set(IMAGE_OBJECTIVES) <= {"align", "two_tower_test", "clip"}
+    two-tower test objective in test_core.py, clip in test_clip.py, vatt in test_vatt.py)."""
+    assert set(list_objectives()) - set(IMAGE_OBJECTIVES) <= {"align", "two_tower_test", "clip", "vatt"}
 
 
 @pytest.mark.parametrize("name", IMAGE_OBJECTIVES)

@@ -133,6 +133,13 @@ class Objective(nn.Module):
         return {}
 
     @classmethod
+    def tower_options(cls, cfg: Any) -> dict[str, dict]:
+        """What the objective's config fixes about its towers, ``{tower: {keyword: value}}`` (VATT's
+        ``shared``: one transformer for every modality); passed like the data's sizes, to a
+        tower's factory when it takes that keyword. Default: none."""
+        return {}
+
+    @classmethod
     def resolve_config(cls, cfg: Any, info) -> Any:
         """The objective's config with what the data fixes filled in (e.g. a number of classes left
         at 0); ``info`` is the train split's :class:`data.DatasetInfo`. Called before the objective

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.common import UserError
-from models.vit import Attention, Block, Mlp
+from models.vit import Attention, Block, Mlp, attend
 
 __all__ = ["copy_to_tp", "reduce_from_tp", "TensorSplit", "ColumnParallelLinear", "RowParallelLinear",
            "TensorParallelAttention", "TensorParallelMlp", "parallelize_blocks", "tensor_parallel_splits",
@@ -245,11 +245,11 @@ class TensorParallelAttention(nn.Module):
         self.qkv = ColumnParallelLinear(attn.qkv, group, rank, size, rows=rows)
         self.proj = RowParallelLinear(attn.proj, group, rank, size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H/T, N, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        out = attend(q, k, v, self.causal, key_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
