@@ -47,14 +47,24 @@ def kept_tokens(n: int, rate: float) -> int:
     return max(1, int(n * (1.0 - rate)))
 
 
-def drop_tokens(tokens: torch.Tensor, rate: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def drop_tokens(tokens: torch.Tensor, rate: float, seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DropToken: a random ``kept_tokens(N, rate)`` of each row's ``N`` tokens ``[B, N, D]``, drawn
-    independently per row (uniformly, without replacement), in their original order."""
+    independently per row (uniformly, without replacement), in their original order.
+
+    ``seeds`` (int ``[B]``, optional): row ``i`` draws from a generator seeded with ``seeds[i]``, so
+    that what a clip keeps depends on its seed alone, not on the batch it sits in or the rank that
+    holds it (the objective seeds by step and clip index); without them, from torch's generator."""
     b, n, d = tokens.shape
     keep = kept_tokens(n, rate)
     if keep == n:
         return tokens
-    scores = torch.rand(b, n, device=tokens.device, generator=generator)
+    if seeds is None:
+        scores = torch.rand(b, n, device=tokens.device)
+    else:
+        if tuple(seeds.shape) != (b,):
+            raise ValueError(f"DropToken seeds must be [B] = [{b}], got {list(seeds.shape)}")
+        scores = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(int(s)))
+                              for s in seeds.tolist()]).to(tokens.device)
     idx = scores.topk(keep, dim=1).indices.sort(dim=1).values  # [B, keep]
     return tokens.gather(1, idx.unsqueeze(-1).expand(b, keep, d))
 
@@ -232,9 +242,11 @@ class Vatt(nn.Module):
         _check_modality(modality)
         return self.encoder if self.shared else self.encoders[modality]
 
-    def tokens(self, x: torch.Tensor, modality: str, drop_rate: float = 0.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Tokeniser output with DropToken (video and audio, ``drop_rate > 0``) and the aggregation
-        token prepended: ``([B, 1 + N', D], key mask [B, 1 + N'] or None)``."""
+    def tokens(self, x: torch.Tensor, modality: str, drop_rate: float = 0.0,
+               drop_seeds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Tokeniser output with DropToken (video and audio, ``drop_rate > 0``; ``drop_seeds``: see
+        :func:`drop_tokens`) and the aggregation token prepended: ``([B, 1 + N', D], key mask
+        [B, 1 + N'] or None)``."""
         _check_modality(modality)
         key_mask = None
         if modality == "video":
@@ -247,18 +259,20 @@ class Vatt(nn.Module):
             if bool(pad.any()):
                 key_mask = torch.cat([torch.ones_like(pad[:, :1]), ~pad], dim=1)
         if drop_rate > 0 and modality != "text":
-            tok = drop_tokens(tok, drop_rate)
+            tok = drop_tokens(tok, drop_rate, drop_seeds)
         agg = self.agg_tokens[MODALITIES.index(modality)].to(tok.dtype).expand(tok.shape[0], 1, -1)
         return torch.cat([agg, tok], dim=1), key_mask
 
-    def forward_features(self, x: torch.Tensor, modality: str = "video", drop_rate: float = 0.0) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, modality: str = "video", drop_rate: float = 0.0,
+                         drop_seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalised tokens ``[B, 1 + N', D]`` of one modality, the aggregation token first."""
-        tok, key_mask = self.tokens(x, modality, drop_rate)
+        tok, key_mask = self.tokens(x, modality, drop_rate, drop_seeds)
         return self.encoder_of(modality)(tok, key_mask)
 
-    def forward_pooled(self, x: torch.Tensor, modality: str = "video", drop_rate: float = 0.0) -> torch.Tensor:
+    def forward_pooled(self, x: torch.Tensor, modality: str = "video", drop_rate: float = 0.0,
+                       drop_seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The modality's aggregation-token output ``[B, D]``."""
-        return self.forward_features(x, modality, drop_rate)[:, 0]
+        return self.forward_features(x, modality, drop_rate, drop_seeds)[:, 0]
 
     def forward(self, x: torch.Tensor, modality: str = "video") -> torch.Tensor:
         return self.forward_pooled(x, modality)

@@ -7,6 +7,8 @@ towers' data-given sizes and for the collate function, and never reads a key of 
   views of each image for joint-embedding methods (BYOL, SimCLR, SwAV with multi-crop);
 * ``pairs``: ``{"image", "text" (token ids [B, context_length]), "label", "index"}``, images with
   their captions, for two-tower contrastive objectives;
+* ``clips``: ``{"video" [B, 3, T, H, W], "audio" [B, S], "text" [B, K, L], "text_mask" [B, K],
+  "label", "index"}``, audio-video-text clips with several captions each (VATT);
 * ``embedded_pairs``: ``{"image_vec" [B, D], "text_vec" [B, T], "caption_id", "index"}``, frozen
   image embeddings with the embeddings of their captions, for heads trained on top of frozen
   encoders (the ``align`` objective of ``pretrain search align``).
@@ -32,6 +34,9 @@ SCHEMAS: Registry = Registry("batch schema")
 
 class BatchSchema:
     """How the data feeds one kind of objective."""
+
+    #: whether the towers take images [B, C, H, W] (the channels_last memory layout applies to them)
+    image_batches: bool = True
 
     def dataset(self, cfg: RunConfig, split: str):
         """The ``split`` of the run's data (default: the ``data`` spec, :func:`data.build_dataset`)."""
@@ -242,12 +247,14 @@ class ClipsSchema(BatchSchema):
     ``clips.sample_rate`` Hz cropped or padded to ``clips.audio_seconds``; evaluation batches hold
     every clip of the split in order."""
 
+    image_batches = False
+
     def dataset(self, cfg, split):
         from data.clips import build_clips
 
         return build_clips(cfg.data, split, image_size=cfg.image_size or 32, frames=cfg.clips.frames,
                            sample_rate=cfg.clips.sample_rate, audio_samples=audio_samples(cfg),
-                           clips_per_item=cfg.clips.per_item, seed=cfg.seed)
+                           clips_per_item=cfg.clips.per_item or None, seed=cfg.seed)
 
     def eval_loader(self, cfg, info, ds):
         from data.clips import clip_eval_loader

@@ -87,7 +87,7 @@ class ClipsConfig:
     sample_rate: int = 8000  # audio resampled to this rate (Hz)
     audio_seconds: float = 1.0  # audio cropped or zero-padded to this length
     max_captions: int = 4  # captions a clip brings to a batch (MIL-NCE's positive set), at most
-    per_item: int = 8  # clips made from each item of a source that makes several (tuxpaint_clips: per stamp)
+    per_item: int = 0  # clips made from each image or stamp (0 = the source's own: 1 per digit, 8 per stamp)
 
 
 @dataclass
@@ -280,7 +280,10 @@ def check_values(cfg: RunConfig) -> None:
                           f"got {cfg.parallel.activation_checkpoint}")
     if cfg.eval_every < 0:
         raise ConfigError(f"config key 'eval_every': expected an integer >= 0 (0 = off), got {cfg.eval_every}")
-    for key in ("frames", "sample_rate", "max_captions", "per_item"):
+    if cfg.clips.per_item < 0:
+        raise ConfigError(f"config key 'clips.per_item': expected an integer >= 0 (0 = the source's own), "
+                          f"got {cfg.clips.per_item}")
+    for key in ("frames", "sample_rate", "max_captions"):
         if getattr(cfg.clips, key) < 1:
             raise ConfigError(f"config key 'clips.{key}': expected an integer >= 1, got {getattr(cfg.clips, key)}")
     if cfg.clips.audio_seconds <= 0:

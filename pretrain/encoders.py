@@ -13,11 +13,12 @@ import torch
 import data as data_lib
 from data.common import PathNotFoundError
 from eval_probes.search.embed import LoadedEncoder, prepare_images, register_run_loader
+from .config import ConfigError
 
 __all__ = ["run_encoder", "register_run_encoder"]
 
 
-def run_encoder(run_dir, image_size=None) -> LoadedEncoder:
+def run_encoder(run_dir, image_size=None, modality: str = "image") -> LoadedEncoder:
     """A run of this project as a frozen encoder: ``embed(uint8 [B, C, H, W]) -> [B, D]`` (the
     objective's ``embed``), at the run's image size unless ``image_size`` is given.
 
@@ -25,8 +26,14 @@ def run_encoder(run_dir, image_size=None) -> LoadedEncoder:
     images into its joint space instead, and also text (``embed_text``, through the run's own
     tokenizer and text tower), so that its embeddings answer text queries without alignment heads.
 
+    A video-audio-text run (an objective with ``encode_video``: ``vatt``) embeds clips instead:
+    ``modality="video"`` takes uint8 videos ``[B, T, C, H, W]`` into its video-text space (with
+    ``embed_text``, so that text finds videos), ``modality="audio"`` waveforms ``[B, S]`` into its
+    video-audio space; ``build_data(spec, split)`` builds clips with the run's clip settings.
+
     Raises:
         PathNotFoundError: If ``run_dir`` does not exist or has no ``weights.safetensors``.
+        ConfigError: If ``modality`` is not one the run embeds.
     """
     from data.tokenize import create_tokenizer
 
@@ -48,6 +55,11 @@ def run_encoder(run_dir, image_size=None) -> LoadedEncoder:
     size = int(image_size or cfg.image_size or info.image_size)
     mean, std = tuple(info.mean), tuple(info.std)
     channels_last = uses_channels_last(cfg, info.channels)
+    if hasattr(model, "encode_video"):
+        return _clip_encoder(run, cfg, model, info, modality)
+    if modality != "image":
+        raise ConfigError(f"--modality {modality}: run '{run}' (objective '{cfg.objective}') embeds images; video "
+                          f"and audio need a video-audio-text run (objective=vatt)")
     joint = hasattr(model, "encode_image") and hasattr(model, "encode_text")
 
     def embed(images):
@@ -66,6 +78,43 @@ def run_encoder(run_dir, image_size=None) -> LoadedEncoder:
                 return model.encode_text(tokenizer(list(texts))).float()
 
     return LoadedEncoder(embed, size, (mean, std), embed_text)
+
+
+def _clip_encoder(run: Path, cfg, model, info, modality: str) -> LoadedEncoder:
+    """A video-audio-text run as an encoder of clips' ``video`` or ``audio`` (see :func:`run_encoder`)."""
+    import dataclasses
+
+    from data.tokenize import create_tokenizer
+
+    from .batches import schema_of
+    from .engines import autocast_context
+
+    if modality not in ("video", "audio"):
+        raise ConfigError(f"--modality {modality}: run '{run}' (objective '{cfg.objective}') embeds clips; give "
+                          f"--modality video (found by text queries) or --modality audio")
+    mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    def embed(x):
+        with torch.no_grad(), autocast_context(cfg.precision):
+            if modality == "audio":
+                return model.encode_audio(x.float()).float()
+            video = x.float().div(255.0).permute(0, 2, 1, 3, 4)  # [B, T, C, H, W] -> [B, C, T, H, W]
+            return model.encode_video((video - mean) / std)[1].float()
+
+    embed_text = None
+    if modality == "video":
+        tokenizer = create_tokenizer(cfg.tokenizer.name, cfg.tokenizer.context_length)
+
+        def embed_text(texts):
+            with torch.no_grad(), autocast_context(cfg.precision):
+                return model.encode_texts(tokenizer(list(texts))).float()
+
+    def build_data(spec: str, split: str):
+        return schema_of(model).dataset(dataclasses.replace(cfg, data=spec), split)
+
+    return LoadedEncoder(embed, int(cfg.image_size or info.image_size), (tuple(info.mean), tuple(info.std)),
+                         embed_text, modality, build_data)
 
 
 def register_run_encoder() -> None:

@@ -41,9 +41,12 @@ def uses_channels_last(cfg: RunConfig, channels: int) -> bool:
     Only for plain-engine runs on multi-channel images: DeepSpeed broadcasts and flattens
     contiguous parameter buffers, and with torch 2.14 on the CPU a 1-channel channels_last
     ResNet gets wrong weight gradients (up to 16% off an fp64 reference; see
-    tests/test_models_numerics.py), so single-channel data stays contiguous.
+    tests/test_models_numerics.py), so single-channel data stays contiguous. Only for objectives
+    whose batches are images (``BatchSchema.image_batches``; not video clips, whose 3-D
+    convolutions have no such layout).
     """
-    return cfg.model.channels_last and cfg.engine == "plain" and channels > 1
+    return (cfg.model.channels_last and cfg.engine == "plain" and channels > 1
+            and schema_of(objective_class(cfg.objective)).image_batches)
 
 
 def build_model(cfg: RunConfig, info: data_lib.DatasetInfo):

@@ -19,7 +19,7 @@ def test_defaults_and_overrides(tmp_path):
     (["max_step=3"], "unknown config key 'max_step' (did you mean 'max_steps'?)"),
     (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
     (["byol.proj_dimm=3"], "unknown config key 'byol.proj_dimm'"),
-    (["objective=byl"], "unknown objective 'byl' (did you mean 'byol'?); valid objectives: beit_v2, byol, clip, data2vec2, simclr, swav, vqkd"),
+    (["objective=byl"], "unknown objective 'byl' (did you mean 'byol'?); valid objectives: beit_v2, byol, clip, data2vec2, simclr, swav, vatt, vqkd"),
     (["max_steps=abc"], "config key 'max_steps': expected int, got 'abc'"),
     (["precision=fp16"], "config key 'precision': unknown value 'fp16'; valid: 'auto', 'fp32', 'bf16'"),
     (["nokeyvalue"], "not of the form key=value"),

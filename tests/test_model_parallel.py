@@ -24,6 +24,15 @@ VIT = ["objective=supervised", "data=digits", "image_size=16", "model.image.back
        "optim.warmup_steps=0", "precision=fp32", "log_every=1", "progress=false", "checkpoint_every=3"]
 
 
+# VATT on moving digits (16 px, 4 frames, 0.25 s of audio), fp32, DropToken 0.5 (each clip's kept
+# tokens drawn from its step and index, whichever rank holds it); batch norm in the heads is global
+# (its statistics over both ranks), so 2 x 8 clips are one batch of 16
+VATT = ["--recipe", "launch/recipes/vatt_moving_digits.yaml", "image_size=16", "clips.frames=4",
+        "clips.audio_seconds=0.25", "model.video.depth=1", "model.video.embed_dim=32", "model.video.num_heads=2",
+        "vatt.va_dim=32", "vatt.vt_dim=16", "tokenizer.context_length=24", "optim.warmup_steps=0", "optim.lr=0.001",
+        "precision=fp32", "log_every=1", "progress=false"]
+
+
 def launch_runs(tmp_path, runs, ranks=2, check=True):
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
@@ -57,6 +66,7 @@ def pipeline_runs(tmp_path_factory):
     plain(*VIT, "max_steps=5", "stop_at=3", f"run_dir={root / 'plain_to_pp'}")
     plain(*VIT, "max_steps=5", "stop_at=3", f"run_dir={root / 'plain_to_zero2'}")
     mim_references(root / "mim")
+    plain(*VATT, "batch_size=16", "max_steps=5", f"run_dir={root / 'vatt_one'}")
     pp = [*VIT, "engine=deepspeed", "parallel.pp=2", "max_steps=5"]
     launch_runs(root, [[*pp, f"run_dir={root / 'pp'}"],
                        [*pp, "parallel.partition=uniform", "parallel.activation_checkpoint=1",
@@ -78,6 +88,8 @@ def pipeline_runs(tmp_path_factory):
                        [*VIT, "engine=deepspeed", "batch_size=8", "max_steps=5", "stop_at=3",
                         f"run_dir={root / 'dp2_to_pp'}"],
                        ["--resume", str(root / "dp2_to_pp"), "parallel.pp=2", "batch_size=16"],
+                       [*VATT, "engine=deepspeed", "deepspeed.zero_stage=2", "batch_size=8", "max_steps=5",
+                        f"run_dir={root / 'vatt_zero2'}"],
                        *tensor_parallel_cells(root / "tp"), *mim_cells(root / "mim")])
     plain("--resume", str(root / "tp" / "tp_to_one"), "engine=plain", "parallel.tp=1")
     plain("--resume", str(root / "tp" / "tp_zero1_to_one"), "engine=plain", "parallel.tp=1")
@@ -102,6 +114,17 @@ def test_pipeline_matches_one_process(pipeline_runs):
     assert summary["layout"] == "dp=1 x tp=1 x pp=2"
     assert summary["test_acc"] == pytest.approx(json.loads((pipeline_runs / "one" / "train_summary.json")
                                                            .read_text())["test_acc"], abs=1e-9)
+
+
+def test_vatt_two_ranks_under_zero2_match_one_process(pipeline_runs):
+    """VATT's NCE and MIL-NCE take their negatives from both ranks: 2 x 8 clips under ZeRO-2 train
+    as one process with 16 (losses to 1e-4; batch-norm sums in another order)."""
+    ref, got = losses(pipeline_runs / "vatt_one"), losses(pipeline_runs / "vatt_zero2")
+    assert len(ref) == len(got) == 5 and ref[-1] < ref[0]
+    assert got == pytest.approx(ref, rel=1e-4)
+    one, two = records(pipeline_runs / "vatt_one")[-1], records(pipeline_runs / "vatt_zero2")[-1]
+    assert two["test_zeroshot_text_moving_digits_top1"] == pytest.approx(one["test_zeroshot_text_moving_digits_top1"],
+                                                                          abs=0.01)
 
 
 def test_pipeline_weights_consolidate_to_the_one_process_weights(pipeline_runs):
@@ -328,6 +351,9 @@ def matrix_objectives(teacher, tokenizer) -> dict:
         "vqkd": (None, ["objective=vqkd", *MATRIX_VIT, "vqkd.num_codes=64", "vqkd.code_dim=8",
                         f"vqkd.teacher={teacher}"]),
         "beit_v2": (None, ["objective=beit_v2", *MATRIX_VIT, f"beit_v2.tokenizer={tokenizer}"]),
+        "vatt": ("launch/recipes/vatt_moving_digits.yaml",
+                 [*[a for a in VATT[2:] if not a.startswith("optim.lr")], "batch_size=8", "optim.grad_accum=2",
+                  "max_steps=2"]),
         "data2vec2": ("launch/recipes/data2vec2_mnist5k.yaml",
                       [*MATRIX_VIT, "data2vec2.clones=2", "data2vec2.top_k=2", "data2vec2.decoder_depth=1",
                        "data2vec2.mask_fill=zeros"]),

@@ -203,3 +203,126 @@ def test_vatt_config_errors():
 
     with pytest.raises(ConfigError, match="model.video.backbone=vatt_tiny"):
         create_objective("vatt", {"video": create_backbone("vit_tiny", image_size=16, patch_size=8, depth=1)})
+
+
+def test_retrieval_recalls_against_a_loop():
+    from pretrain.objectives.vatt import retrieval_recalls
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(9, 5, generator=g), dim=1)
+    pos = torch.rand(7, 9, generator=g) < 0.25
+    pos[3] = False  # a query without positives is left out
+    out = retrieval_recalls(q, k, pos, "x", ks=(1, 2, 5))
+    ranks = []
+    for i in range(7):
+        if not pos[i].any():
+            continue
+        s = q[i] @ k.T
+        best = max(float(s[j]) for j in range(9) if pos[i, j])
+        ranks.append(sum(1 for j in range(9) if not pos[i, j] and float(s[j]) > best))
+    for kk in (1, 2, 5):
+        assert out[f"x_r{kk}"] == pytest.approx(sum(r < kk for r in ranks) / len(ranks))
+    assert out["x_mean_rank"] == pytest.approx(sum(r + 1 for r in ranks) / len(ranks))
+
+
+def test_drop_token_seeded_per_clip_does_not_depend_on_the_batch():
+    """With seeds (the objective's: step and clip index) a clip keeps the same tokens alone, in any
+    batch and on any rank; the same seed twice keeps the same tokens."""
+    x = torch.randn(4, 10, 3)
+    seeds = torch.tensor([11, 12, 13, 14])
+    whole = drop_tokens(x, 0.5, seeds)
+    halves = torch.cat([drop_tokens(x[:2], 0.5, seeds[:2]), drop_tokens(x[2:], 0.5, seeds[2:])])
+    assert torch.equal(whole, halves)
+    assert torch.equal(drop_tokens(x[1:2], 0.5, seeds[1:2]), whole[1:2])
+    assert not torch.equal(drop_tokens(x, 0.5, seeds + 100), whole)
+    from pretrain.objectives.vatt import VattObjective
+
+    a = VattObjective.drop_seeds({"index": torch.tensor([5, 6]), "step": 3}, 0)
+    b = VattObjective.drop_seeds({"index": torch.tensor([6]), "step": 3}, 0)
+    assert a[1] == b[0] and a[0] != a[1]
+    assert VattObjective.drop_seeds({"index": torch.tensor([5]), "step": 4}, 0)[0] != a[0]
+    assert VattObjective.drop_seeds({"index": torch.tensor([5]), "step": 3}, 1)[0] != a[0]
+
+
+# ------------------------------------------------------------------------------------------ real clips, end to end
+
+RECIPE = "launch/recipes/vatt_moving_digits.yaml"
+# the recipe at test size: 16 px, 4 frames, half a second of sound, one block 32 wide
+FIT = ["model.video.depth=1", "model.video.embed_dim=32", "vatt.va_dim=32", "vatt.vt_dim=16", "batch_size=16",
+       "precision=fp32", "log_every=1", "progress=false", "eval_every=0", "optim.warmup_steps=2"]
+
+
+def _losses(run):
+    import json
+
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def vatt_run(tmp_path_factory):
+    from pretrain.config import load_config
+    from pretrain.loop import fit
+
+    return fit(load_config(RECIPE, [*FIT, "max_steps=6", f"run_dir={tmp_path_factory.mktemp('vatt') / 'run'}"]))
+
+
+def test_vatt_fits_evaluates_and_resumes_exactly(tmp_path, vatt_run):
+    import json
+
+    from pretrain.config import load_config
+    from pretrain.loop import fit
+
+    summary = json.loads((vatt_run / "train_summary.json").read_text())
+    for key in ("v2t_r1", "v2t_r10", "t2v_r5", "v2a_r1", "a2v_r10", "v2a_mean_rank", "zeroshot_text_moving_digits_top1",
+                "zeroshot_audio_moving_digits_top1"):
+        assert 0 <= summary[f"test_{key}"] <= (1000 if "rank" in key else 1), key
+    assert summary["test_retrieval_clips"] == 1000 and summary["test_retrieval_texts"] == 4000
+    b = tmp_path / "b"
+    fit(load_config(RECIPE, [*FIT, "max_steps=6", "stop_at=3", f"run_dir={b}"]))
+    fit(load_config(b / "config.yaml", ["stop_at=0", f"run_dir={b}"]), resume=True)
+    assert _losses(b) == pytest.approx(_losses(vatt_run), abs=1e-6)  # DropToken too: drawn from step and clip
+
+
+def test_a_vatt_run_finds_videos_by_text(tmp_path, vatt_run):
+    """pretrain embed --run VATT_RUN --modality video, then search query --text through the run's own
+    text path: the query is the run's video-text embedding of the text, the index its video ones."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from eval_probes.search.index import SearchIndex
+    from eval_probes.search.query import text_query_vector
+    from pretrain.encoders import run_encoder
+
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args, ok=True):
+        r = subprocess.run([sys.executable, "-m", "launch", *args], cwd=root, capture_output=True, text=True,
+                           timeout=600)
+        assert (r.returncode == 0) == ok, r.stderr[-2000:]
+        return r
+
+    cli("embed", "--run", str(vatt_run), "--modality", "video", "--data", "moving_digits", "--split", "test",
+        "--limit", "200", "--dtype", "float32", "--out", str(tmp_path / "emb"), "--quiet")
+    cli("search", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--quiet")
+    out = json.loads(cli("search", "query", "--index", str(tmp_path / "idx"), "--text", "seven", "-k", "5",
+                         "--json").stdout)
+    assert len(out["results"]) == 5
+    idx = SearchIndex.load(tmp_path / "idx")
+    enc = run_encoder(vatt_run, modality="video")
+    np.testing.assert_allclose(text_query_vector(idx, "seven"), F.normalize(enc.embed_text(["seven"]), dim=1).numpy(),
+                               atol=1e-5)
+    ds = enc.build_data("moving_digits", "test")
+    first = int(idx.row_ids[0])
+    np.testing.assert_allclose(idx.vectors([first]), F.normalize(enc.embed(ds[first]["video"][None]), dim=1).numpy(),
+                               atol=1e-4)
+    # audio into the video-audio space; an image run has no video, an image modality no clips
+    audio = run_encoder(vatt_run, modality="audio")
+    assert audio.embed(ds[0]["audio"][None]).shape == (1, 32) and audio.embed_text is None
+    r = cli("embed", "--run", str(vatt_run), "--data", "moving_digits", "--out", str(tmp_path / "e2"), ok=False)
+    assert "--modality image" in r.stderr and "give --modality video" in r.stderr and "Traceback" not in r.stderr

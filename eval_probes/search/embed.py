@@ -205,11 +205,17 @@ def dataset_items(dataset) -> list[dict]:
     return out
 
 
-def _collate(items):
-    good = [it for it in items if "skip" not in it]
-    skipped = [it for it in items if "skip" in it]
-    images = torch.stack([it["image"] for it in good]) if good else None
-    return images, [int(it["index"]) for it in good], skipped
+class _Collate:
+    """Stacks the items' ``key`` (``image``, or a clip's ``video`` / ``audio``), keeps skip markers apart."""
+
+    def __init__(self, key: str = "image"):
+        self.key = key
+
+    def __call__(self, items):
+        good = [it for it in items if "skip" not in it]
+        skipped = [it for it in items if "skip" in it]
+        inputs = torch.stack([it[self.key] for it in good]) if good else None
+        return inputs, [int(it["index"]) for it in good], skipped
 
 
 def _check_resume(meta_path: Path, want: dict) -> Optional[dict]:
@@ -234,6 +240,7 @@ def embed_dataset(
     progress: bool = True,
     meta_extra: Optional[dict] = None,
     limit: Optional[int] = None,
+    key: str = "image",
 ) -> "EmbeddingStore":
     """Embed every image of ``dataset`` into sharded ``.npy`` files; resumable.
 
@@ -248,6 +255,8 @@ def embed_dataset(
         progress: Show a tqdm bar over images.
         meta_extra: Merged into ``meta.json`` (``encoder``, ``data`` descriptions).
         limit: Embed only the first ``limit`` dataset indices.
+        key: The item field ``embed_fn`` takes: ``image``, or a clip's ``video`` or ``audio``
+            (:attr:`LoadedEncoder.modality`).
 
     Returns:
         The finished :class:`EmbeddingStore`.
@@ -289,7 +298,7 @@ def embed_dataset(
         for s in todo:
             lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)),
-                                                 batch_size=batch_size, shuffle=False, collate_fn=_collate)
+                                                 batch_size=batch_size, shuffle=False, collate_fn=_Collate(key))
             vecs, ids = [], []
             with torch.no_grad():
                 for images, idx, skip in loader:
@@ -363,12 +372,18 @@ def write_embeddings(out_dir: str | os.PathLike, ids: np.ndarray, vectors: np.nd
 class LoadedEncoder(NamedTuple):
     """A frozen encoder: ``embed(uint8 [B, C, H, W]) -> float Tensor [B, D]``, the side length to
     decode files at, and the ``(mean, std)`` it normalises with. An image-text model (a CLIP run)
-    also has ``embed_text(list of str) -> float Tensor [n, D]`` into the same space as ``embed``."""
+    also has ``embed_text(list of str) -> float Tensor [n, D]`` into the same space as ``embed``; a
+    video-audio-text model (a VATT run) embeds clips' ``video`` (with ``embed_text``) or ``audio``."""
 
     embed: Callable[[torch.Tensor], torch.Tensor]
     image_size: int
     norm: Tuple[Tuple[float, ...], Tuple[float, ...]]
     embed_text: Optional[Callable[[Sequence[str]], torch.Tensor]] = None
+    # what ``embed`` takes: a dataset item's ``image`` (uint8 [B, C, H, W]), ``video`` (uint8
+    # [B, T, C, H, W]) or ``audio`` (float [B, S]); and, for video or audio, how to build the data
+    # the encoder was trained on (``build_data(spec, split) -> dataset``, the run's clip settings)
+    modality: str = "image"
+    build_data: Optional[Callable[[str, str], object]] = None
 
 
 def prepare_images(images: torch.Tensor, size: int, channels: int, mean, std) -> torch.Tensor:
@@ -445,13 +460,15 @@ def _efficientnet_lite0(image_size: Optional[int] = None) -> LoadedEncoder:
 
 
 def load_encoder(run_dir: Optional[str | os.PathLike] = None, encoder_name: Optional[str] = None,
-                 image_size: Optional[int] = None) -> LoadedEncoder:
+                 image_size: Optional[int] = None, modality: str = "image") -> LoadedEncoder:
     """A frozen encoder from a training run of this project or a packaged model.
 
     Args:
         run_dir: A run directory (``config.yaml`` + ``weights.safetensors``).
         encoder_name: A packaged encoder (see :func:`list_encoders`).
         image_size: Side length the images are resized to (default: the run's, or 224).
+        modality: What the encoder embeds: ``image``, or for a video-audio-text run ``video`` or
+            ``audio`` (packaged encoders embed images only).
 
     Returns:
         :class:`LoadedEncoder` ``(embed, image_size, (mean, std))``.
@@ -463,13 +480,16 @@ def load_encoder(run_dir: Optional[str | os.PathLike] = None, encoder_name: Opti
     if (run_dir is None) == (encoder_name is None):
         raise SearchError("give exactly one encoder: a run directory (--run) or a packaged encoder (--encoder)")
     if encoder_name is not None:
+        if modality != "image":
+            raise SearchError(f"the packaged encoder '{encoder_name}' embeds images; --modality {modality} needs a "
+                              f"video-audio-text run (--run)")
         return ENCODERS.get(encoder_name)(image_size=image_size)
     loader = run_loader()
     if loader is None:
         raise RuntimeError("no loader of training runs is registered: `import pretrain.encoders` first "
                            "(it registers the loader of this project's runs), or install one with "
                            "eval_probes.search.embed.register_run_loader()")
-    return loader(run_dir, image_size=image_size)
+    return loader(run_dir, image_size=image_size, **({"modality": modality} if modality != "image" else {}))
 
 
 class EncoderTextQueries:
@@ -485,7 +505,8 @@ class EncoderTextQueries:
     def text_encoder(self) -> LoadedEncoder:
         if self._encoder is None:
             m = self.meta
-            enc = (load_encoder(run_dir=m["run_dir"], image_size=m.get("image_size")) if m.get("kind") == "run"
+            enc = (load_encoder(run_dir=m["run_dir"], image_size=m.get("image_size"),
+                                modality=m.get("modality", "image")) if m.get("kind") == "run"
                    else load_encoder(encoder_name=m.get("name"), image_size=m.get("image_size")))
             if enc.embed_text is None:
                 raise SearchError(f"encoder '{m.get('name')}' embeds no text, although its embeddings say it does")
@@ -504,7 +525,7 @@ class EncoderTextQueries:
 
 def embedding_meta(encoder_name: Optional[str] = None, run_dir: Optional[str | os.PathLike] = None,
                    image_size: Optional[int] = None, data_spec: str = "", split: str = "train",
-                   text: bool = False) -> dict:
+                   text: bool = False, modality: str = "image") -> dict:
     """The ``encoder`` and ``data`` entries of an ``EMB_DIR``'s ``meta.json`` (see :func:`embed_dataset`'s
     ``meta_extra``): which encoder made the embeddings, so that a query image can be embedded the
     same way, whether it also embeds text into their space (``text``: a CLIP run), and which
@@ -514,5 +535,6 @@ def embedding_meta(encoder_name: Optional[str] = None, run_dir: Optional[str | o
     return {"encoder": {"kind": "run" if run_dir else "packaged",
                         "name": encoder_name or Path(run_dir).resolve().name,
                         "run_dir": str(Path(run_dir).resolve()) if run_dir else None,
-                        "image_size": image_size, "text": bool(text)},
+                        "image_size": image_size, "text": bool(text),
+                        **({"modality": modality} if modality != "image" else {})},
             "data": {"spec": data_spec, "split": split, "image_size": image_size, "root": root}}

@@ -28,13 +28,19 @@ def _cmd_embed(args) -> int:
 
     if args.run is not None:
         existing_dir("--run", args.run)
-    enc = load_encoder(run_dir=args.run, encoder_name=args.encoder, image_size=args.image_size)
-    ds = data_lib.build_dataset(args.data, args.split, image_size=enc.image_size)
+    enc = load_encoder(run_dir=args.run, encoder_name=args.encoder, image_size=args.image_size,
+                       modality=args.modality)
+    if enc.build_data is not None:  # clips, with the run's frames and audio settings
+        ds = enc.build_data(args.data, args.split)
+    else:
+        ds = data_lib.build_dataset(args.data, args.split, image_size=enc.image_size)
     meta = embedding_meta(encoder_name=args.encoder, run_dir=args.run, image_size=enc.image_size,
-                          data_spec=args.data, split=args.split, text=enc.embed_text is not None)
+                          data_spec=args.data, split=args.split, text=enc.embed_text is not None,
+                          modality=enc.modality)
     t0 = time.time()
     store = embed_dataset(enc.embed, ds, args.out, shard_size=args.shard_size, dtype=args.dtype,
-                          batch_size=args.batch_size, progress=not args.quiet, meta_extra=meta, limit=args.limit)
+                          batch_size=args.batch_size, progress=not args.quiet, meta_extra=meta, limit=args.limit,
+                          key=enc.modality)
     print(f"wrote {store.count} embeddings of dim {store.dim} ({store.meta['dtype']}, "
           f"{store.meta['num_shards']} shard(s)) to {args.out}  ({time.time() - t0:.1f} s)")
     return 0
@@ -228,7 +234,10 @@ def _add_embed_parser(sub) -> None:
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--run", metavar="RUN_DIR", help="a training run of this project (weights.safetensors)")
     who.add_argument("--encoder", metavar="NAME", help="a packaged encoder: efficientnet_lite0 (ImageNet-pretrained)")
-    e.add_argument("--data", required=True, help="dataset spec: mnist5k, digits or folder:PATH")
+    e.add_argument("--data", required=True, help="dataset spec: mnist5k, digits or folder:PATH (clips for "
+                                                 "--modality video/audio: moving_digits, tuxpaint_clips, clips:FILE)")
+    e.add_argument("--modality", default="image", choices=["image", "video", "audio"],
+                   help="what to embed: images, or a VATT run's clips (video: found by --text queries)")
     e.add_argument("--split", default="train", choices=["train", "test"])
     e.add_argument("--out", required=True, metavar="EMB_DIR")
     e.add_argument("--shard-size", type=positive_int("--shard-size"), default=4096)

@@ -97,6 +97,7 @@ def _cmd_shards(args) -> int:
 
 def _cmd_list(args) -> int:
     from data import list_datasets, list_tokenizers
+    from data.clips import list_clip_sources
     from data.pairs import list_pair_sources
     from models import list_backbones
     from pretrain.batches import SCHEMAS
@@ -108,6 +109,7 @@ def _cmd_list(args) -> int:
     print("backbones: ", ", ".join(list_backbones()))
     print("datasets:  ", ", ".join(list_datasets()))
     print("pairs:     ", ", ".join(list_pair_sources()), "(join with +: tuxpaint+mnist5k_captions)")
+    print("clips:     ", ", ".join(list_clip_sources()), "(video, audio and text: objective=vatt)")
     print("engines:   ", ", ".join(ENGINES.names()))
     print("batches:   ", ", ".join(SCHEMAS.names()))
     print("tokenizers:", ", ".join(list_tokenizers()))

@@ -14,12 +14,14 @@ two common spaces (its Section 3.2, after Alayrac et al.'s "fine and coarse" spa
 The loss is ``NCE(video, audio) + vt_weight * MIL-NCE(video, captions)`` (:func:`losses.nce_loss`,
 :func:`losses.mil_nce_loss`, temperature 0.07, negatives from every data-parallel rank), where a
 clip's captions (up to ``clips.max_captions``) are all positives. In training, DropToken keeps a
-random ``1 - drop_token`` of each clip's video and audio tokens (:func:`models.vatt.drop_tokens`).
+random ``1 - drop_token`` of each clip's video and audio tokens (:func:`models.vatt.drop_tokens`),
+drawn from the clip's step and index: the same on any number of ranks and after a resume.
 
 Evaluation (``eval_split=test``, held-out clips): video->text and text->video recall@1/5/10 in the
-video-text space, video->audio and audio->video recall@1/5/10 in the video-audio space, and, per
-source with classes, zero-shot top-1 of the videos by the class names' text prompts and, where the
-source has class recordings (spoken digits), by the nearest class's mean recording.
+video-text space (a caption is a positive of every clip with the same text), video->audio and
+audio->video recall@1/5/10 in the video-audio space (a clip's own sound), and, per source with
+classes, zero-shot top-1 of the videos by the class names' text prompts and, where the source has
+class recordings (spoken digits), by the nearest class's mean recording.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from models.heads import MLPHead
 
 from ..config import ConfigError
 from .base import Objective, register_objective
-from .clip import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
+from .clip import zero_shot_accuracy, zero_shot_classifier
 
 __all__ = ["VattConfig", "VattObjective"]
 
@@ -82,9 +84,11 @@ class VattObjective(Objective):
 
     # ------------------------------------------------------------------ embeddings
 
-    def pooled(self, x: Tensor, modality: str, drop: bool = False) -> Tensor:
-        rate = self.cfg.drop_token if (drop and self.training) else 0.0
-        return self.tower("video").forward_pooled(x, modality, rate)
+    def pooled(self, x: Tensor, modality: str, drop_seeds: Tensor | None = None) -> Tensor:
+        """The backbone's pooled output; with ``drop_seeds`` (in training) after DropToken."""
+        if drop_seeds is None or not self.training or self.cfg.drop_token == 0:
+            return self.tower("video").forward_pooled(x, modality)
+        return self.tower("video").forward_pooled(x, modality, self.cfg.drop_token, drop_seeds)
 
     def encode_texts(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """Video-text-space embeddings of captions: ids ``[B, K, L]`` -> ``[B, K, vt_dim]`` (rows where
@@ -99,18 +103,25 @@ class VattObjective(Objective):
         out[mask] = real
         return out
 
-    def encode_video(self, video: Tensor, drop: bool = False) -> tuple[Tensor, Tensor]:
+    def encode_video(self, video: Tensor, drop_seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(video-audio, video-text)`` embeddings ``[B, va_dim]``, ``[B, vt_dim]`` of clips ``[B, C, T, H, W]``."""
-        va = self.video_va(self.pooled(video, "video", drop))
+        va = self.video_va(self.pooled(video, "video", drop_seeds))
         return va, self.va_vt(va)
 
-    def encode_audio(self, audio: Tensor, drop: bool = False) -> Tensor:
+    def encode_audio(self, audio: Tensor, drop_seeds: Tensor | None = None) -> Tensor:
         """Video-audio-space embeddings ``[B, va_dim]`` of waveforms ``[B, S]``."""
-        return self.audio_va(self.pooled(audio, "audio", drop))
+        return self.audio_va(self.pooled(audio, "audio", drop_seeds))
+
+    @staticmethod
+    def drop_seeds(batch: dict, modality: int) -> Tensor:
+        """DropToken's seed of each clip: its (micro-)step and dataset index, so that a clip drops the
+        same tokens on any number of ranks and after a resume (``modality``: 0 video, 1 audio)."""
+        step = max(int(batch.get("step", 0)), 0)
+        return (step * 1_000_003 + batch["index"].long()) * 2 + modality
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        v_va, v_vt = self.encode_video(batch["video"], drop=True)
-        a_va = self.encode_audio(batch["audio"], drop=True)
+        v_va, v_vt = self.encode_video(batch["video"], self.drop_seeds(batch, 0))
+        a_va = self.encode_audio(batch["audio"], self.drop_seeds(batch, 1))
         mask = batch["text_mask"]
         t_vt = self.encode_texts(batch["text"], mask)
         tau = self.cfg.temperature
@@ -144,7 +155,7 @@ class VattObjective(Objective):
     def evaluate(self, loader, final: bool = False) -> dict[str, float]:
         was_training = self.training
         self.eval()
-        v_va, v_vt, a_va, t_vt, owners, labels, sources = [], [], [], [], [], [], []
+        v_va, v_vt, a_va, t_vt, t_ids, owners, labels, sources = [], [], [], [], [], [], [], []
         offset = 0
         for batch in loader:
             n = batch["video"].shape[0]
@@ -156,6 +167,7 @@ class VattObjective(Objective):
             a_va.append(F.normalize(self.encode_audio(batch["audio"]).float(), dim=1))
             mask = batch["text_mask"]
             t_vt.append(F.normalize(self.encode_texts(batch["text"], mask)[mask].float(), dim=1))
+            t_ids.append(batch["text"][mask])
             owners.append(mask.nonzero()[:, 0] + offset)
             labels.append(batch["label"])
             sources.append(batch.get("source", torch.zeros(n, dtype=torch.long)))
@@ -165,13 +177,17 @@ class VattObjective(Objective):
             return {}
         v_va, v_vt, a_va, t_vt = torch.cat(v_va), torch.cat(v_vt), torch.cat(a_va), torch.cat(t_vt)
         label, source = torch.cat(labels), torch.cat(sources)
-        out = {k.replace("i2t", "v2t").replace("t2i", "t2v"): x
-               for k, x in retrieval_metrics(v_vt, t_vt, torch.cat(owners)).items()
-               if k not in ("retrieval_images",)}
-        out["retrieval_clips"] = float(v_va.shape[0])
-        va_metrics = retrieval_metrics(v_va, a_va, torch.arange(v_va.shape[0]))
-        out.update({k.replace("i2t", "v2a").replace("t2i", "a2v"): x for k, x in va_metrics.items()
-                    if k.startswith(("i2t", "t2i"))})
+        # a caption is a positive of every clip that has the same text (clips of one stamp, or of one
+        # digit, share theirs), so that retrieval does not hinge on ties between identical texts
+        _, text_id = torch.unique(torch.cat(t_ids), dim=0, return_inverse=True)
+        owner = torch.cat(owners)
+        has = torch.zeros(v_vt.shape[0], int(text_id.max()) + 1, dtype=torch.bool, device=v_vt.device)
+        has[owner, text_id] = True
+        pos = has[:, text_id]  # [clips, captions]
+        out = {**retrieval_recalls(v_vt, t_vt, pos, "v2t"), **retrieval_recalls(t_vt, v_vt, pos.T, "t2v")}
+        eye = torch.eye(v_va.shape[0], dtype=torch.bool, device=v_va.device)
+        out.update({**retrieval_recalls(v_va, a_va, eye, "v2a"), **retrieval_recalls(a_va, v_va, eye, "a2v")})
+        out["retrieval_clips"], out["retrieval_texts"] = float(v_va.shape[0]), float(t_vt.shape[0])
         templates = list(self.cfg.templates)
         device = v_vt.device
         class_audio = getattr(loader, "class_audio", None) or {}
@@ -192,6 +208,19 @@ class VattObjective(Objective):
                 out[f"zeroshot_audio_{key}_top1"] = zero_shot_accuracy(v_va[rows], protos, target)["top1"]
         self.train(was_training)
         return out
+
+
+def retrieval_recalls(queries: Tensor, keys: Tensor, positive: Tensor, name: str, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k and mean rank of normalised ``queries`` [Q, D] against ``keys`` [K, D], where
+    ``positive`` [Q, K] marks each query's positives: a query's rank is the number of non-positive
+    keys scoring above its best positive (ties in its favour); queries without a positive are left
+    out. Keys ``{name}_r{k}`` and ``{name}_mean_rank`` (1 = first)."""
+    sims = queries @ keys.T
+    best = sims.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+    rank = (sims.masked_fill(positive, float("-inf")) > best).sum(1)[positive.any(dim=1)]
+    out = {f"{name}_r{k}": float((rank < k).float().mean()) for k in ks}
+    out[f"{name}_mean_rank"] = float((rank + 1).float().mean())
+    return out
 
 
 def check_config(cfg: VattConfig) -> None:
