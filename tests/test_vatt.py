@@ -326,3 +326,25 @@ def test_a_vatt_run_finds_videos_by_text(tmp_path, vatt_run):
     assert audio.embed(ds[0]["audio"][None]).shape == (1, 32) and audio.embed_text is None
     r = cli("embed", "--run", str(vatt_run), "--data", "moving_digits", "--out", str(tmp_path / "e2"), ok=False)
     assert "--modality image" in r.stderr and "give --modality video" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("tokenizer", ["clip_bpe", "minilm"])
+def test_vatt_reads_bpe_and_word_piece_ids(tokenizer):
+    """The text tokeniser embeds open_clip's BPE ids or MiniLM's word pieces (the vocabulary size and
+    padding id come from the tokenizer), and a step trains on them."""
+    from pretrain.batches import schema_of
+    from pretrain.config import load_config
+    from pretrain.loop import build_model
+    from pretrain.objectives import objective_class
+
+    cfg = load_config(RECIPE, [*FIT, f"tokenizer.name={tokenizer}", "tokenizer.context_length=16"])
+    schema = schema_of(objective_class("vatt"))
+    ds = schema.dataset(cfg, "test")
+    sizes = schema.tower_sizes(cfg, ds.info)["video"]
+    model = build_model(cfg, ds.info)
+    assert model.tower("video").text_embed.embed.num_embeddings == sizes["vocab_size"] > 30000
+    batch = schema.collate(cfg, model, ds.info, 0, 1)([dict(ds[i], step=0) for i in range(4)])
+    assert batch["text"].shape[-1] == 16 and (batch["text"] == sizes["pad_id"]).any()
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.tower("video").text_embed.embed.weight.grad.abs().sum() > 0

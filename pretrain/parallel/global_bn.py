@@ -39,8 +39,9 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics are the mean and variance of the global batch.
 
-    Per-rank sums and sums of squares (and counts) are all-reduced with autograd, so gradients
-    flow through the shared statistics exactly as in one process with the whole batch.
+    Per-rank sums (and counts), then per-rank sums of squared deviations from the global mean, are
+    all-reduced with autograd, so gradients flow through the shared statistics exactly as in one
+    process with the whole batch.
     Evaluation mode uses the running statistics like ``nn.BatchNorm*d``.
     """
 
@@ -55,13 +56,17 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                                             False, 0.0, self.eps)
         dims = [0] + list(range(2, x.dim()))
         xf = x.float()
-        count = torch.tensor([xf.numel() / xf.shape[1]], dtype=torch.float32)
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce_sum_with_grad(stats)
         c = x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        count = torch.tensor([xf.numel() / c], dtype=torch.float32)
+        # two passes, as torch's own batch norm: the global mean first, then the global sum of squared
+        # deviations from it (sum(x^2)/n - mean^2 loses digits where the mean is large against the
+        # spread, and ranks would then disagree with one process by more than the order of sums)
+        stats = all_reduce_sum_with_grad(torch.cat([xf.sum(dims), count]))
         n = stats[-1]
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        centred = xf - mean.view(shape)
+        var = all_reduce_sum_with_grad((centred * centred).sum(dims)) / n
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -69,8 +74,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 unbiased = var * (n / (n - 1)).clamp_min(0) if n > 1 else var
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
