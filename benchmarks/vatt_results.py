@@ -8,7 +8,7 @@
 ``results``: for each ``NAME=RUN``, the run's held-out figures (video->text and text->video
 recall, video<->audio recall, zero-shot top-1 by text prompts and by class recordings) and linear
 probes (:func:`eval_probes.linear_probe`) of its pooled video and audio features (train split ->
-test split), beside the same model at its initialisation (the run's config and seed, no step
+test split, the clips that have a class), beside the same model at its initialisation (the run's config and seed, no step
 taken): an "untrained" row before each trained one.
 
 ``droptoken``: for each ``RATE=RUN``, the training step time (median over ``--steps`` steps after
@@ -58,7 +58,8 @@ def _features(model, ds, modality: str, batch_size: int = 128):
         if batch["index"].numel():
             feats.append(model.pooled(batch[modality], modality).float())
             labels.append(batch["label"])
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    x, y = torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    return x[y >= 0], y[y >= 0]  # clips of a class (Tux Paint's small categories have none)
 
 
 def evaluate(run: Path, trained: bool, probes: bool = True) -> dict:
