@@ -251,7 +251,8 @@ def eval_loader(ds: Dataset, size: int, batch_size: int = 512, num_workers: int 
 
 
 class SkipCounter:
-    """Counts unreadable files seen in batches and warns once per file, naming it."""
+    """Counts unreadable or unusable files (a corrupt image, a silent recording) seen in batches and
+    warns once per file, naming it and the reason."""
 
     def __init__(self):
         self.files: dict[str, str] = {}
@@ -265,7 +266,7 @@ class SkipCounter:
         for path, reason in batch.get("skipped", ()):
             if path not in self.files:
                 self.files[path] = reason
-                warnings.warn(f"skipping unreadable image '{path}' ({reason})", stacklevel=2)
+                warnings.warn(f"skipping unreadable or unusable file '{path}' ({reason})", stacklevel=2)
 
     @property
     def count(self) -> int:

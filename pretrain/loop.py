@@ -389,7 +389,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
                    "wall_s": round(time.perf_counter() - t0, 2), **evaluated}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         if skips.count:
-            print(f"skipped {skips.count} unreadable file(s); see {run_dir / 'train_summary.json'}")
+            print(f"skipped {skips.count} unreadable or unusable file(s); see {run_dir / 'train_summary.json'}")
     if barrier:
         barrier()
     return run_dir

@@ -87,7 +87,7 @@ def test_folder_with_corrupt_image_trains_and_counts_the_skip(tmp_path):
                  "simclr.proj_dim=16")
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["skipped_files"] == 1 and summary["skipped"][0].endswith("broken.png")
-    assert "skipped 1 unreadable file" in r.stdout
+    assert "skipped 1 unreadable or unusable file" in r.stdout
     assert "broken.png" in r.stderr  # the warning names the file
 
 

@@ -66,7 +66,7 @@ def test_folder_skips_corrupt_files(tmp_path):
     loader = D.eval_loader(tr, 16, batch_size=64)
     counter = D.SkipCounter()
     n = 0
-    with pytest.warns(UserWarning, match="skipping unreadable image '.*broken"):
+    with pytest.warns(UserWarning, match="skipping unreadable or unusable file '.*broken"):
         for b in loader:
             counter.update(b)
             n += len(b["label"])

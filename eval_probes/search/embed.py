@@ -303,7 +303,7 @@ def embed_dataset(
             with torch.no_grad():
                 for images, idx, skip in loader:
                     for it in skip:
-                        warnings.warn(f"skipping unreadable image '{it['skip']}' ({it.get('reason', '')})",
+                        warnings.warn(f"skipping unreadable or unusable item '{it['skip']}' ({it.get('reason', '')})",
                                       stacklevel=2)
                     skipped += len(skip)
                     if images is not None:
@@ -327,7 +327,7 @@ def embed_dataset(
     finally:
         bar.close()
     if skipped:
-        warnings.warn(f"{skipped} unreadable image(s) were left out of the embeddings", stacklevel=2)
+        warnings.warn(f"{skipped} unreadable or unusable item(s) were left out of the embeddings", stacklevel=2)
     meta["complete"] = True
     write_json(out / "meta.json", meta)
     return EmbeddingStore(out)
