@@ -75,10 +75,10 @@ from torch.utils.data import DataLoader, Dataset
 from .common import Registry
 from .datasets import DataError, DataPathError, DatasetInfo, UnknownDatasetError, _stratified_split
 from .pairs import (CLIP_MEAN, CLIP_STD, TUXPAINT_ROOT, CsvOptions, _clean_caption, _fixed_split, _tuxpaint,
-                    _TUX_TEMPLATES)
+                    _TUX_TEMPLATES, _warn_skipped)
 
 __all__ = ["ClipDataset", "ClipSource", "ClipConfig", "ClipSkip", "CLIP_SOURCES", "register_clip_source",
-           "list_clip_sources", "build_clips", "ClipCollate", "clip_eval_loader", "load_audio", "resample_audio",
+           "list_clip_sources", "build_clips", "ClipCollate", "clip_eval_loader", "normalise_video", "load_audio", "resample_audio",
            "fit_audio", "digit_recordings", "ASTERISK_DIGITS", "TUXPAINT_TEMPLATES", "ESPEAK_VOICES",
            "DIGIT_TEMPLATES", "SILENCE"]
 
@@ -199,7 +199,7 @@ class ClipDataset(Dataset):
             first = (f" ({len(self.skipped)} skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]})"
                      if self.skipped else "")
             raise DataError(f"clip data '{spec}': no usable clips in split '{split}'{first}")
-        _warn_skipped(self.skipped)
+        _warn_skipped(self.skipped, what="clip(s)")
         self.labels = torch.tensor(source.labels, dtype=torch.long)
         meta = {"name": source.name, "classes": list(range(len(source.class_names))),
                 "templates": list(source.templates), "size": len(source)}
@@ -243,16 +243,6 @@ class ClipDataset(Dataset):
         audio = fit_audio(audio, cfg.audio_samples, rng if src.random_audio else None)
         return {"video": video, "audio": torch.from_numpy(audio), "text": list(src.texts(i)),
                 "label": int(self.labels[i]), "index": i, "source": 0, "path": src.path(i)}
-
-
-def _warn_skipped(skipped: list[tuple[str, str]], shown: int = 3) -> None:
-    """One warning per reason, naming the first entries (all are in ``dataset.skipped``)."""
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in skipped:
-        by_reason.setdefault(reason, []).append(name)
-    for reason, names in by_reason.items():
-        more = f" and {len(names) - shown} more" if len(names) > shown else ""
-        warnings.warn(f"skipping {len(names)} clip(s), {reason}: {', '.join(names[:shown])}{more}", stacklevel=4)
 
 
 # --------------------------------------------------------------------------- sound
@@ -974,6 +964,14 @@ def _manifest(split: str, arg: str, cfg: ClipConfig) -> ClipSource:
 # --------------------------------------------------------------------------- batches
 
 
+def normalise_video(video: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 clips ``[B, T, C, H, W]`` (as items hold them) -> float32 ``[B, C, T, H, W]`` normalised
+    by the per-channel ``mean`` / ``std`` (sequences, or tensors of shape ``[1, C, 1, 1, 1]``)."""
+    mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1, 1)
+    return video.permute(0, 2, 1, 3, 4).float().div_(255.0).sub_(mean).div_(std)
+
+
 class ClipCollate:
     """Clip items -> ``{"video": float32 [B, 3, T, H, W] (normalised by mean/std), "audio": float32
     [B, S], "text": token ids [B, K, L], "text_mask": bool [B, K], "label", "index", "skipped",
@@ -1014,8 +1012,7 @@ class ClipCollate:
         missing = [it.get("path", it["index"]) for it in good if not it.get("text")]
         if missing:
             raise DataError(f"clip batch: item {missing[0]!r} has no caption ('text')")
-        video = torch.stack([it["video"] for it in good]).permute(0, 2, 1, 3, 4).float().div_(255.0)
-        video = video.sub_(self.mean).div_(self.std)
+        video = normalise_video(torch.stack([it["video"] for it in good]), self.mean, self.std)
         picks = [self.pick(it["text"], step, it["index"]) for it in good]
         k = max(len(p) for p in picks)
         tokens = self.tokenizer([t for p in picks for t in p])

@@ -216,14 +216,14 @@ class PairDataset(Dataset):
                 "path": str(path)}
 
 
-def _warn_skipped(skipped: list[tuple[str, str]], shown: int = 3) -> None:
+def _warn_skipped(skipped: list[tuple[str, str]], shown: int = 3, what: str = "image-text pair(s)") -> None:
     """One warning per reason, naming the first entries (all are in ``dataset.skipped``)."""
     by_reason: dict[str, list[str]] = {}
     for name, reason in skipped:
         by_reason.setdefault(reason, []).append(name)
     for reason, names in by_reason.items():
         more = f" and {len(names) - shown} more" if len(names) > shown else ""
-        warnings.warn(f"skipping {len(names)} image-text pair(s), {reason}: {', '.join(names[:shown])}{more}",
+        warnings.warn(f"skipping {len(names)} {what}, {reason}: {', '.join(names[:shown])}{more}",
                       stacklevel=4)
 
 

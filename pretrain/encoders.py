@@ -84,6 +84,7 @@ def _clip_encoder(run: Path, cfg, model, info, modality: str) -> LoadedEncoder:
     """A video-audio-text run as an encoder of clips' ``video`` or ``audio`` (see :func:`run_encoder`)."""
     import dataclasses
 
+    from data.clips import normalise_video
     from data.tokenize import create_tokenizer
 
     from .batches import schema_of
@@ -92,15 +93,11 @@ def _clip_encoder(run: Path, cfg, model, info, modality: str) -> LoadedEncoder:
     if modality not in ("video", "audio"):
         raise ConfigError(f"--modality {modality}: run '{run}' (objective '{cfg.objective}') embeds clips; give "
                           f"--modality video (found by text queries) or --modality audio")
-    mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-    std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1, 1)
-
     def embed(x):
         with torch.no_grad(), autocast_context(cfg.precision):
             if modality == "audio":
                 return model.encode_audio(x.float()).float()
-            video = x.float().div(255.0).permute(0, 2, 1, 3, 4)  # [B, T, C, H, W] -> [B, C, T, H, W]
-            return model.encode_video((video - mean) / std)[1].float()
+            return model.encode_video(normalise_video(x, info.mean, info.std))[1].float()
 
     embed_text = None
     if modality == "video":

@@ -37,6 +37,7 @@ from models.heads import MLPHead
 from ..config import ConfigError
 from .base import Objective, register_objective
 from .clip import zero_shot_accuracy, zero_shot_classifier
+from .vqkd import mim_param_groups
 
 __all__ = ["VattConfig", "VattObjective"]
 
@@ -131,14 +132,7 @@ class VattObjective(Objective):
 
     def param_groups(self) -> list[dict]:
         """Weights with decay; biases, norms, positions and aggregation tokens without decay or LARS."""
-        tower = self.tower("video")
-        exempt = {id(p) for n, p in tower.named_parameters() if n in tower.no_weight_decay()}
-        decay, plain = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (plain if p.ndim <= 1 or id(p) in exempt else decay).append(p)
-        return [{"params": decay, "name": "decay"},
-                {"params": plain, "name": "no_decay", "weight_decay": 0.0, "lars_exclude": True}]
+        return mim_param_groups(self)
 
     @torch.no_grad()
     def embed(self, batch: dict) -> Tensor:
