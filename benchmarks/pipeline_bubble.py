@@ -2,7 +2,7 @@
 
 1. Bubble. A supervised ViT on ``data=digits`` (real images, upsampled) trained through the project's
    own engines, built as ``pretrain.loop.fit`` builds them (``load_config``, ``build_model``,
-   ``apply_tensor_parallel``, ``make_engine``, the schema's loader). For each number of
+   ``check_tensor_parallel``, ``make_engine``, the schema's loader). For each number of
    micro-batches m (``optim.grad_accum``, micro-batch size fixed) one optimizer step is timed as
    ``engine.train_step(m micro-batches)``:
 
@@ -75,7 +75,7 @@ def _build(a: dict, m: int, engine: str, tp: int = 1, pp: int = 1):
     from pretrain.config import load_config
     from pretrain.loop import build_model, make_engine
     from pretrain.objectives import objective_class
-    from pretrain.parallel import ParallelLayout, apply_tensor_parallel
+    from pretrain.parallel import ParallelLayout, check_tensor_parallel
 
     cfg = load_config(None, _overrides(a, m, engine, tp, pp))
     layout = ParallelLayout.from_world(tp=tp, pp=pp).install()
@@ -83,7 +83,7 @@ def _build(a: dict, m: int, engine: str, tp: int = 1, pp: int = 1):
     schema = schema_of(objective_class(cfg.objective))
     ds = schema.dataset(cfg, "train")
     objective = build_model(cfg, ds.info)
-    apply_tensor_parallel(objective, layout)
+    check_tensor_parallel(objective, layout.tp)  # DeepSpeed's AutoTP cuts the blocks in make_engine
     images = data_lib.labelled_split(ds, cfg.labels, cfg.label_seed) if objective.labelled_only else ds
     objective.on_data(images)
     eng = make_engine(cfg, objective, layout)

@@ -113,7 +113,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, Dh]
         out = attend(q, k, v, self.causal, key_mask)
-        out = out.transpose(1, 2).reshape(b, n, d)
+        # -1, not d: under tensor parallelism this rank holds num_heads / T heads
+        out = out.transpose(1, 2).reshape(b, n, -1)
         return self.proj(out)
 
 

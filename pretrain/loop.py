@@ -21,7 +21,7 @@ from .engines import ENGINES, NonFiniteLossError, autocast_context, build_engine
 from .engines.plain import portable_from_plain
 from .objectives import create_objective, objective_class
 from .optim import build_optimizer
-from .parallel import ParallelLayout, apply_tensor_parallel, convert_to_global_bn
+from .parallel import ParallelLayout, check_tensor_parallel, convert_to_global_bn
 from .schedules import LRSchedule
 from .towers import build_tower, build_towers
 
@@ -227,7 +227,9 @@ def fit(cfg: RunConfig, resume: bool = False) -> Path:
     train_ds = schema.dataset(cfg, "train")
     info = train_ds.info
     objective = build_model(cfg, info)
-    apply_tensor_parallel(objective, layout)  # parallel.tp > 1: transformer blocks cut over the tp group
+    # parallel.tp > 1: refused here, before any data is read, when the blocks cannot be cut; DeepSpeed's
+    # AutoTP cuts them when the engine is built
+    check_tensor_parallel(objective, layout.tp)
     objective.grad_chunks = cfg.grad_chunks
     if dp > 1 and cfg.model.global_bn:
         objective = convert_to_global_bn(objective)

@@ -232,14 +232,12 @@ def test_tensor_parallel_resume_continues_exactly(tensor_parallel_runs):
 
 
 def test_tensor_parallel_refuses_models_without_transformer_blocks():
-    from pretrain.parallel import TensorParallelError, apply_tensor_parallel
+    from pretrain.parallel import TensorParallelError, check_tensor_parallel
     from models import create_backbone
 
-    lay = SimpleNamespace(tp=2, tp_group=None)
     with pytest.raises(TensorParallelError, match="no transformer blocks"):
-        apply_tensor_parallel(create_backbone("resnet18", in_chans=1, stem="cifar", width=8), lay)
-    assert apply_tensor_parallel(create_backbone("resnet18", in_chans=1, stem="cifar", width=8),
-                                 SimpleNamespace(tp=1, tp_group=None)) == 0
+        check_tensor_parallel(create_backbone("resnet18", in_chans=1, stem="cifar", width=8), 2)
+    assert check_tensor_parallel(create_backbone("resnet18", in_chans=1, stem="cifar", width=8), 1) == 0
 
 
 def test_data_parallel_pipelines_and_tensor_groups_match_one_process(tmp_path):
@@ -466,7 +464,7 @@ def test_support_matrix_align_row():
     from test_objectives import _tiny_objective
     from pretrain.engines.pipeline import PipelineConfigError, build_pipeline
     from pretrain.config import load_config
-    from pretrain.parallel import TensorParallelError, apply_tensor_parallel
+    from pretrain.parallel import TensorParallelError, check_tensor_parallel
 
     cells, messages = documented_matrix()
     align = _tiny_objective("align")
@@ -475,5 +473,5 @@ def test_support_matrix_align_row():
         build_pipeline(cfg, align, None, None, SimpleNamespace(pp=2, tp=1, dp=1), {})
     assert messages[cells[("align", "pp=2")]] in str(exc.value)
     with pytest.raises(TensorParallelError) as exc:
-        apply_tensor_parallel(align, SimpleNamespace(tp=2, tp_group=None))
+        check_tensor_parallel(align, 2)
     assert messages[cells[("align", "tp=2")]] in str(exc.value)

@@ -138,9 +138,33 @@ class DeepSpeedEngine(Engine):
         mpu = layout if layout is not None and layout.dp != dist.get_world_size() else None
         self.layout = layout
         _forget_previous_mpu()
+        splits = shapes = None
+        if self.tp > 1:  # DeepSpeed's AutoTP cuts the blocks inside initialize; how, is recorded after
+            from ..parallel.tensor_parallel import autotp_config, plan_splits
+
+            section = autotp_config(model, self.tp)
+            given = config.get("tensor_parallel")
+            if given and given.get("autotp_size", self.tp) != self.tp:
+                raise DeepSpeedConfigError(f"the DeepSpeed config's tensor_parallel.autotp_size="
+                                           f"{given.get('autotp_size')} disagrees with parallel.tp={self.tp}; "
+                                           f"remove the section (the run writes it from parallel.tp)")
+            config = {**config, "tensor_parallel": {**(given or {}), **section}}
+            splits = plan_splits(model, layout.tp_rank, self.tp)
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in splits}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=schedule, config=config, mpu=mpu)
         self.module = self.engine.module
+        self._check_tp_batch = False
+        if splits is not None:
+            from ..parallel.tensor_parallel import mark_tensor_parallel_splits
+
+            mark_tensor_parallel_splits(self.module, splits, shapes)
+            # DeepSpeed's own first-batch check compares nested dicts of tensors with `!=` and fails on
+            # ours; the same check (one batch, every tensor-parallel rank) is done here by checksums
+            hook = getattr(self.engine, "first_dataloader_check", None)
+            if hook is not None:
+                hook.remove()
+            self._check_tp_batch = True
         self._net = self.engine
         self.zero_stage = zero_stage_of(config)
         self.grad_accum = int(config.get("gradient_accumulation_steps", 1))
@@ -160,6 +184,9 @@ class DeepSpeedEngine(Engine):
         return batch
 
     def __call__(self, batch: dict) -> dict:
+        if self._check_tp_batch:
+            self._check_tp_batch = False
+            _check_same_batch(batch, self.layout.tp_group, self.layout.tp)
         if self.native_bf16:
             return self.engine(self.prepare(batch))
         with autocast_context(self.precision):
@@ -351,6 +378,21 @@ class DeepSpeedEngine(Engine):
         return consolidate_deepspeed_checkpoint(checkpoint_dir) if self.rank == 0 else None
 
 
+def _check_same_batch(batch: dict, group, size: int) -> None:
+    """Raises when the ranks of a tensor-parallel group were handed different batches (their
+    activations outside the cut layers are replicated, so they must read the same samples)."""
+    import torch.distributed as dist
+
+    sums = []
+    map_tensors(batch, lambda t: sums.append(t.detach().double().sum().reshape(1)) or t)
+    local = torch.cat(sums) if sums else torch.zeros(1, dtype=torch.float64)
+    got = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(got, local, group=group)
+    if not all(torch.equal(g, got[0]) for g in got):
+        raise RuntimeError("the ranks of a tensor-parallel group read different batches; they must share the "
+                           "data-parallel rank and seed (see docs/parallel.md)")
+
+
 def _forget_previous_mpu() -> None:
     """DeepSpeed keeps the last engine's model-parallel unit in a module global and reads it when
     the next engine has none: a data-parallel run after a pipeline or tensor-parallel one in the
@@ -358,6 +400,11 @@ def _forget_previous_mpu() -> None:
     from deepspeed.utils import groups
 
     groups.mpu = None
+    # AutoTP's data / tensor-parallel groups are module globals too, made once per process
+    for name in ("_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK", "mesh_device"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
 
 
 @torch.no_grad()
@@ -457,7 +504,8 @@ def build_deepspeed(cfg, objective: nn.Module, optimizer, schedule, layout, chan
         return build_pipeline(cfg, objective, optimizer, schedule, layout, ds_cfg)
     if layout.tp > 1 and stage == 3:
         raise DeepSpeedConfigError(f"parallel.tp={layout.tp} with ZeRO stage 3: ZeRO-3 gathers whole parameters, "
-                                   f"which tensor-parallel shards are not; use deepspeed.zero_stage=0, 1 or 2")
+                                   f"which tensor-parallel shards are not, so its checkpoints cannot be put back "
+                                   f"into one-process weights here; use deepspeed.zero_stage=0, 1 or 2")
     if stage >= 1 and cfg.optim.name in ("lars", "lamb"):
         raise DeepSpeedConfigError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but ZeRO stage "
                                    f"{stage} hands the optimizer flattened partitions; use deepspeed.zero_stage=0, "

@@ -1,101 +1,47 @@
-"""Tensor parallelism for the transformer blocks of :mod:`models.vit`, applied from outside the model.
+"""Tensor parallelism of the transformer blocks of :mod:`models.vit`, through DeepSpeed's AutoTP.
 
-The layout follows Megatron-LM (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion
-Parameter Language Models Using Model Parallelism"): in each block the first linear layer of a
-pair is split by output rows (:class:`ColumnParallelLinear`: attention's fused ``qkv``, the
-MLP's ``fc1``) and the second by input columns (:class:`RowParallelLinear`: ``proj``, ``fc2``).
-Everything between the two (per-head attention, GELU) is local to a rank, so a block costs one
-all-reduce forward (``g``: :func:`reduce_from_tp`) and one backward (``f``: :func:`copy_to_tp`)
-per pair. LayerNorms, residuals and the row layers' biases are replicated: every rank of the
-tensor-parallel group sees the full activations outside the pairs.
+The layout is Megatron-LM's (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter
+Language Models Using Model Parallelism"): in each block the first linear layer of a pair is split
+by output rows (column-parallel: attention's fused ``qkv``, the MLP's ``fc1``) and the second by
+input columns (row-parallel: ``proj``, ``fc2``). Everything between the two (per-head attention,
+GELU) is local to a rank, so a pair costs one all-reduce forward and one backward. LayerNorms,
+residuals and the row layers' biases are replicated.
 
-Models stay single-device code; :func:`parallelize_blocks` swaps the ``attn`` / ``mlp`` of every
-:class:`models.vit.Block` for sharded versions with the same parameter names, so names (LLRD
-ids, optimizer groups, checkpoints keys) do not depend on the layout. Every sharded linear keeps
-a :class:`TensorSplit` per sharded tensor in ``tp_splits``; :func:`gather_tensor_parallel_state`
-and :func:`shard_full_state` read only that, so a checkpoint written with one ``tp`` loads under
-another through the full (one-process) state dict.
+The cut itself is DeepSpeed's AutoTP training support (``tensor_parallel.autotp_size`` in the
+engine's config): :func:`autotp_config` writes its ``partition_config``, one exact pattern per
+layer of every :class:`models.vit.Block` (``qkv`` as three sub-parameters q, k and v, so that
+a rank holds whole heads), and ``deepspeed.initialize`` swaps those layers for its
+``LinearLayer`` / ``SubParamLinearLayer`` / ``LinearAllreduce``. Parameter names do not change,
+so LLRD ids, optimizer groups and checkpoint keys do not depend on the layout.
 
-A ``group`` of None means no tensor parallelism (size 1), as in ``ParallelLayout.tp_group``.
-The ranks of one group must draw the same random numbers outside the pairs (drop path), i.e.
-share their seed, since those tensors are replicated.
+After the cut :func:`mark_tensor_parallel_splits` records, per sharded tensor, a
+:class:`TensorSplit` in the layer's ``tp_splits`` (and checks that DeepSpeed's shard has the shape
+of that split); :func:`gather_tensor_parallel_state` and :func:`shard_full_state` read only those,
+so a checkpoint written with one ``tp`` loads under another through the full (one-process) state dict.
+
+The ranks of one tensor-parallel group must draw the same random numbers outside the pairs (drop
+path), i.e. share their seed, since those tensors are replicated.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from data.common import UserError
-from models.vit import Attention, Block, Mlp, attend
+from models.vit import Attention, Block, Mlp
 
-__all__ = ["copy_to_tp", "reduce_from_tp", "TensorSplit", "ColumnParallelLinear", "RowParallelLinear",
-           "TensorParallelAttention", "TensorParallelMlp", "parallelize_blocks", "tensor_parallel_splits",
-           "gather_tensor_parallel_state", "shard_full_state", "TensorParallelError", "apply_tensor_parallel",
-           "splits_to_json", "unshard_from_json"]
+__all__ = ["TensorSplit", "TensorParallelError", "check_tensor_parallel", "autotp_config", "block_splits",
+           "plan_splits", "mark_tensor_parallel_splits", "tensor_parallel_splits", "gather_tensor_parallel_state",
+           "shard_full_state", "splits_to_json", "unshard_from_json"]
 
 
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank_size(group, rank: Optional[int], size: Optional[int]) -> Tuple[int, int]:
-    """``(rank, size)`` in ``group``; explicit values serve offline (re)sharding without a group."""
-    if group is not None:
-        real = (dist.get_rank(group), dist.get_world_size(group))
-        if (rank is not None and rank != real[0]) or (size is not None and size != real[1]):
-            raise ValueError(f"rank={rank}, size={size} disagree with the tensor-parallel group "
-                             f"(rank {real[0]} of {real[1]})")
-        return real
-    rank, size = (0 if rank is None else rank), (1 if size is None else size)
-    if not 0 <= rank < size:
-        raise ValueError(f"tensor-parallel rank {rank} is not in [0, {size})")
-    return rank, size
-
-
-class _CopyToTP(torch.autograd.Function):
-    """Megatron's ``f``: each rank's sharded layer consumes the same replicated input, so the
-    input's gradient is the sum of the ranks' partial gradients."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may still hold grad_output
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """Megatron's ``g``: each rank holds a partial sum of the row layer's product; the gradient
-    of a sum reaches every term unchanged."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """Identity forward, all-reduce (sum) of the gradient over ``group`` backward."""
-    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce (sum) over ``group`` forward, identity backward."""
-    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,170 +80,112 @@ def _blocks_of(length: int, size: int) -> torch.Tensor:
     return torch.arange(length).view(size, length // size)
 
 
-class _Group:
-    """Holds a process group; deep copies share it (a ProcessGroup cannot be copied, and an EMA
-    teacher copied from a sharded student must talk over the same group)."""
 
-    __slots__ = ("pg",)
-
-    def __init__(self, pg) -> None:
-        self.pg = pg
-
-    def __deepcopy__(self, memo) -> "_Group":
-        return self
+class TensorParallelError(UserError, ValueError):
+    """A run asks for tensor parallelism its model cannot take (no transformer blocks, sizes that do not divide)."""
 
 
-class _ShardedLinear(nn.Module):
-    def _set(self, name: str, tensor: Optional[torch.Tensor], split: Optional[TensorSplit], grad: bool) -> None:
-        if tensor is None:
-            self.register_parameter(name, None)
-            return
-        p = nn.Parameter((split.shard(tensor.detach()) if split else tensor.detach()).clone(), requires_grad=grad)
-        if split is not None:
-            # DeepSpeed's gradient norm / clipping counts a parameter on every model-parallel rank only
-            # when it is marked (deepspeed.runtime.utils.is_model_parallel_parameter); Megatron reads
-            # tensor_model_parallel / partition_dim. Parameter deep copies drop these attributes, so the
-            # splits themselves live in the module's tp_splits.
-            p.tensor_model_parallel, p.model_parallel, p.partition_dim = True, True, split.dim
-            self.tp_splits[name] = split
-        setattr(self, name, p)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, tp={self.tp_size}"
+def _blocks(model: nn.Module) -> List[Tuple[str, Block]]:
+    """The blocks tensor parallelism cuts: every :class:`models.vit.Block` with the plain attention and MLP."""
+    return [(name, b) for name, b in model.named_modules()
+            if isinstance(b, Block) and isinstance(b.attn, Attention) and isinstance(b.mlp, Mlp)]
 
 
-class ColumnParallelLinear(_ShardedLinear):
-    """``y_r = x W_r^T + b_r``: this rank's output rows of ``full``; ``[..., in] -> [..., out / T]``.
-
-    The input passes through :func:`copy_to_tp`; the output stays split across ranks.
-
-    Args:
-        full: The full layer (same weights on every rank).
-        group: The tensor-parallel process group (None: size 1).
-        rank, size: This rank and ``T``; default from ``group``.
-        rows: ``[T, out / T]`` rows of ``full.weight`` held by each rank (default: contiguous blocks).
-    """
-
-    def __init__(self, full: nn.Linear, group, rank: Optional[int] = None, size: Optional[int] = None,
-                 rows: Optional[torch.Tensor] = None) -> None:
-        super().__init__()
-        rank, size = _rank_size(group, rank, size)
-        if rows is None:
-            if full.out_features % size:
-                raise ValueError(f"out_features {full.out_features} is not divisible by the tensor-parallel size {size}")
-            rows = _blocks_of(full.out_features, size)
-        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
-        if rows.shape[0] != size or not torch.equal(rows.flatten().sort().values, torch.arange(full.out_features)):
-            raise ValueError(f"rows must split the {full.out_features} output rows into {size} equal parts")
-        self._group, self.tp_size, self.tp_splits = _Group(group), size, {}
-        split = TensorSplit(0, rank, rows)
-        self._set("weight", full.weight, split, full.weight.requires_grad)
-        self._set("bias", full.bias, split, full.bias is not None and full.bias.requires_grad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self._group.pg), self.weight, self.bias)
-
-
-class RowParallelLinear(_ShardedLinear):
-    """``y = sum_r x_r W_r^T + b``: this rank's input columns of ``full``; ``[..., in / T] -> [..., out]``.
-
-    The partial products are summed by :func:`reduce_from_tp`; the full bias is added after the
-    sum so that it counts once (it is replicated, hence not marked as sharded).
-
-    Args:
-        full: The full layer (same weights on every rank).
-        group: The tensor-parallel process group (None: size 1).
-        rank, size: This rank and ``T``; default from ``group``.
-    """
-
-    def __init__(self, full: nn.Linear, group, rank: Optional[int] = None, size: Optional[int] = None) -> None:
-        super().__init__()
-        rank, size = _rank_size(group, rank, size)
-        if full.in_features % size:
-            raise ValueError(f"in_features {full.in_features} is not divisible by the tensor-parallel size {size}")
-        self._group, self.tp_size, self.tp_splits = _Group(group), size, {}
-        self._set("weight", full.weight, TensorSplit(1, rank, _blocks_of(full.in_features, size)),
-                  full.weight.requires_grad)
-        self._set("bias", full.bias, None, full.bias is not None and full.bias.requires_grad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self._group.pg)
-        return y if self.bias is None else y + self.bias
-
-
-class TensorParallelAttention(nn.Module):
-    """:class:`models.vit.Attention` over this rank's ``H / T`` heads; ``[B, N, D] -> [B, N, D]``.
-
-    ``qkv`` holds the q, k and v rows of heads ``r*H/T .. (r+1)*H/T - 1`` (so the local
-    ``[B, N, 3, H/T, Dh]`` view is the original one restricted to those heads); ``proj`` holds the
-    matching input columns.
-    """
-
-    def __init__(self, attn: Attention, group, rank: Optional[int] = None, size: Optional[int] = None) -> None:
-        super().__init__()
-        rank, size = _rank_size(group, rank, size)
-        if attn.num_heads % size:
-            raise ValueError(f"num_heads {attn.num_heads} is not divisible by the tensor-parallel size {size}")
-        dim, local = attn.qkv.in_features, attn.qkv.in_features // size
-        rows = torch.stack([torch.cat([torch.arange(j * dim + r * local, j * dim + (r + 1) * local) for j in range(3)])
-                            for r in range(size)])
-        self.num_heads, self.head_dim, self.causal = attn.num_heads // size, attn.head_dim, attn.causal
-        self.qkv = ColumnParallelLinear(attn.qkv, group, rank, size, rows=rows)
-        self.proj = RowParallelLinear(attn.proj, group, rank, size)
-
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H/T, N, Dh]
-        out = attend(q, k, v, self.causal, key_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
-
-
-class TensorParallelMlp(nn.Module):
-    """:class:`models.vit.Mlp` over this rank's ``hidden / T`` units; ``[..., D] -> [..., D]``."""
-
-    def __init__(self, mlp: Mlp, group, rank: Optional[int] = None, size: Optional[int] = None) -> None:
-        super().__init__()
-        rank, size = _rank_size(group, rank, size)
-        if mlp.fc1.out_features % size:
-            raise ValueError(f"MLP hidden size {mlp.fc1.out_features} is not divisible by the tensor-parallel "
-                             f"size {size}")
-        self.fc1 = ColumnParallelLinear(mlp.fc1, group, rank, size)
-        self.act = mlp.act
-        self.fc2 = RowParallelLinear(mlp.fc2, group, rank, size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def parallelize_blocks(module: nn.Module, group, rank: Optional[int] = None, size: Optional[int] = None) -> int:
-    """Replaces, in place, ``attn`` and ``mlp`` of every :class:`models.vit.Block` in ``module`` by
-    their tensor-parallel versions, cut from the block's current full weights.
-
-    Every rank of ``group`` must hold the same full weights first (same seed or same checkpoint).
-    All blocks are checked before any is changed, so a failure leaves ``module`` as it was.
-
-    Returns:
-        The number of blocks changed (blocks already parallel are skipped).
+def check_tensor_parallel(model: nn.Module, tp: int) -> int:
+    """The number of blocks a cut ``tp`` ways would split; nothing is changed.
 
     Raises:
-        ValueError: naming the block, when its heads or MLP hidden size do not divide by ``T``.
+        TensorParallelError: when ``tp > 1`` and the model has no block to cut (ResNet towers), or a
+            block's heads or MLP width do not divide by ``tp``; the message names the block.
     """
-    rank, size = _rank_size(group, rank, size)
-    todo = [(name or type(module).__name__, b) for name, b in module.named_modules()
-            if isinstance(b, Block) and (isinstance(b.attn, Attention) or isinstance(b.mlp, Mlp))]
-    for name, b in todo:
-        if isinstance(b.attn, Attention) and b.attn.num_heads % size:
-            raise ValueError(f"{name}: num_heads={b.attn.num_heads} is not divisible by the tensor-parallel size {size}")
-        if isinstance(b.mlp, Mlp) and b.mlp.fc1.out_features % size:
-            raise ValueError(f"{name}: MLP hidden size {b.mlp.fc1.out_features} is not divisible by the "
-                             f"tensor-parallel size {size}")
-    for _, b in todo:
-        if isinstance(b.attn, Attention):
-            b.attn = TensorParallelAttention(b.attn, group, rank, size)
-        if isinstance(b.mlp, Mlp):
-            b.mlp = TensorParallelMlp(b.mlp, group, rank, size)
-    return len(todo)
+    if tp == 1:
+        return 0
+    blocks = _blocks(model)
+    for name, b in blocks:
+        where = name or type(model).__name__
+        if b.attn.num_heads % tp:
+            raise TensorParallelError(f"parallel.tp={tp}: {where}: num_heads={b.attn.num_heads} is not divisible by "
+                                      f"the tensor-parallel size {tp}")
+        if b.mlp.fc1.out_features % tp:
+            raise TensorParallelError(f"parallel.tp={tp}: {where}: MLP hidden size {b.mlp.fc1.out_features} is not "
+                                      f"divisible by the tensor-parallel size {tp}")
+    if not blocks:
+        raise TensorParallelError(f"parallel.tp={tp}: the model has no transformer blocks to split (tensor "
+                                  f"parallelism cuts the attention and MLP of ViT and text-transformer blocks); "
+                                  f"use a ViT tower or data parallelism")
+    return len(blocks)
+
+
+def _exact(names: List[str]) -> List[str]:
+    return [f"^{re.escape(n)}$" for n in names]
+
+
+def autotp_config(model: nn.Module, tp: int) -> dict:
+    """The ``tensor_parallel`` section of a DeepSpeed config that cuts every block of ``model``
+    ``tp`` ways (:func:`check_tensor_parallel` first): exact patterns, no default specs, so that no
+    other linear layer (heads, projections, tokenisers) is touched."""
+    check_tensor_parallel(model, tp)
+    pre = [f"{name}." if name else "" for name, _ in _blocks(model)]
+    specs = [
+        # [q; k; v] stacked on dim 0: each cut T ways, so rank r holds q, k and v of heads r*H/T..
+        {"patterns": _exact([f"{p}attn.qkv.weight" for p in pre]), "partition_type": "column",
+         "shape": [3, -1], "partition_dim": 0},
+        {"patterns": _exact([f"{p}mlp.fc1.weight" for p in pre]), "partition_type": "column"},
+        {"patterns": _exact([f"{p}attn.proj.weight" for p in pre] + [f"{p}mlp.fc2.weight" for p in pre]),
+         "partition_type": "row"},
+    ]
+    return {"autotp_size": tp, "partition_config": {"use_default_specs": False, "layer_specs": specs}}
+
+
+def block_splits(block: Block, rank: int, size: int) -> Dict[str, Tuple[str, TensorSplit]]:
+    """``{"attn.qkv.weight": ("attn.qkv", split), ...}``: how AutoTP cuts one block ``size`` ways, for
+    ``rank``. ``qkv`` keeps rows ``j*D + r*D/T .. j*D + (r+1)*D/T`` of q, k and v (j = 0, 1, 2);
+    ``fc1`` a block of rows; ``proj`` and ``fc2`` a block of input columns (their biases stay whole)."""
+    dim = block.attn.qkv.in_features
+    local = dim // size
+    qkv_rows = torch.stack([torch.cat([torch.arange(j * dim + r * local, j * dim + (r + 1) * local)
+                                       for j in range(3)]) for r in range(size)])
+    fc1_rows = _blocks_of(block.mlp.fc1.out_features, size)
+    out = {"attn.qkv.weight": ("attn.qkv", TensorSplit(0, rank, qkv_rows)),
+           "mlp.fc1.weight": ("mlp.fc1", TensorSplit(0, rank, fc1_rows)),
+           "attn.proj.weight": ("attn.proj", TensorSplit(1, rank, _blocks_of(block.attn.proj.in_features, size))),
+           "mlp.fc2.weight": ("mlp.fc2", TensorSplit(1, rank, _blocks_of(block.mlp.fc2.in_features, size)))}
+    if block.attn.qkv.bias is not None:
+        out["attn.qkv.bias"] = ("attn.qkv", TensorSplit(0, rank, qkv_rows))
+    if block.mlp.fc1.bias is not None:
+        out["mlp.fc1.bias"] = ("mlp.fc1", TensorSplit(0, rank, fc1_rows))
+    return out
+
+
+def plan_splits(model: nn.Module, rank: int, size: int) -> Dict[str, TensorSplit]:
+    """``{state-dict key: TensorSplit}`` of every tensor a cut of the (still whole) ``model`` shards."""
+    return {f"{name}.{key}" if name else key: split
+            for name, b in _blocks(model) for key, (_, split) in block_splits(b, rank, size).items()}
+
+
+def mark_tensor_parallel_splits(model: nn.Module, splits: Dict[str, TensorSplit], full_shapes: Dict[str, tuple]) -> None:
+    """Records ``splits`` (from :func:`plan_splits` before the cut) in the ``tp_splits`` of the layers
+    AutoTP replaced, after checking that each tensor now has its split's shape.
+
+    Raises:
+        RuntimeError: naming the tensor, when DeepSpeed cut it otherwise (a DeepSpeed version that
+            splits differently would otherwise corrupt consolidated checkpoints silently).
+    """
+    state = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    for key, split in splits.items():
+        owner, _, leaf = key.rpartition(".")
+        shape = list(full_shapes[key])
+        shape[split.dim] = split.index.shape[1]
+        if key not in state or list(state[key].shape) != shape:
+            got = list(state[key].shape) if key in state else None
+            raise RuntimeError(f"DeepSpeed AutoTP cut {key} to {got}, expected {shape}")
+        m = modules[owner]
+        if not hasattr(m, "tp_splits"):
+            m.tp_splits = {}
+        m.tp_splits[leaf] = split
+        p = state[key]
+        p.tensor_model_parallel, p.partition_dim = True, split.dim  # Megatron's marks, for other tools
 
 
 def tensor_parallel_splits(module: nn.Module) -> Dict[str, TensorSplit]:
@@ -342,31 +230,6 @@ def shard_full_state(full_state: Dict[str, torch.Tensor], module: nn.Module) -> 
     """The state dict this rank's sharded ``module`` loads from a full (one-process) one; no collectives."""
     splits = tensor_parallel_splits(module)
     return {k: splits[k].shard(v) if k in splits else v for k, v in full_state.items()}
-
-
-class TensorParallelError(UserError, ValueError):
-    """A run asks for tensor parallelism its model cannot take (no transformer blocks, sizes that do not divide)."""
-
-
-def apply_tensor_parallel(model: nn.Module, layout) -> int:
-    """Cuts every transformer block of ``model`` over ``layout.tp_group`` (:func:`parallelize_blocks`);
-    nothing at ``layout.tp == 1``. Returns the number of blocks cut.
-
-    Raises:
-        TensorParallelError: when ``layout.tp > 1`` and the model has no block to cut (ResNet towers),
-            or a block's heads or MLP width do not divide by ``tp``; the message names the block.
-    """
-    if layout.tp == 1:
-        return 0
-    try:
-        n = parallelize_blocks(model, layout.tp_group)
-    except ValueError as exc:
-        raise TensorParallelError(f"parallel.tp={layout.tp}: {exc}") from None
-    if n == 0:
-        raise TensorParallelError(f"parallel.tp={layout.tp}: the model has no transformer blocks to split (tensor "
-                                  f"parallelism cuts the attention and MLP of ViT and text-transformer blocks); "
-                                  f"use a ViT tower or data parallelism")
-    return n
 
 
 def splits_to_json(module: nn.Module) -> dict:
