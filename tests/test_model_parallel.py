@@ -186,8 +186,8 @@ def test_model_parallelism_needs_the_deepspeed_engine():
 
 @pytest.fixture(scope="module")
 def tensor_parallel_runs(pipeline_runs):
-    """tp=2 under ZeRO-0 and ZeRO-1, and tp=2 runs stopped at step 3 and resumed (on tp=2 and as one
-    process), trained in :func:`pipeline_runs`' launch."""
+    """tp=2 under ZeRO-0, ZeRO-1 and ZeRO-3, and tp=2 runs stopped at step 3 and resumed (on tp=2,
+    ZeRO-0 and ZeRO-3, and as one process), trained in :func:`pipeline_runs`' launch."""
     return pipeline_runs / "tp"
 
 
@@ -195,15 +195,18 @@ def tensor_parallel_cells(root):
     tp = [*VIT, "engine=deepspeed", "parallel.tp=2", "max_steps=5"]
     return [[*tp, f"run_dir={root / 'tp'}"],
             [*tp, "deepspeed.zero_stage=1", f"run_dir={root / 'tp_z1'}"],
+            [*tp, "deepspeed.zero_stage=3", f"run_dir={root / 'tp_z3'}"],
             [*tp, "stop_at=3", f"run_dir={root / 'stopped'}"],
             ["--resume", str(root / "stopped")],
+            [*tp, "deepspeed.zero_stage=3", "stop_at=3", f"run_dir={root / 'stopped_z3'}"],
+            ["--resume", str(root / "stopped_z3")],
             [*tp, "stop_at=3", f"run_dir={root / 'tp_to_one'}"],
             [*tp, "deepspeed.zero_stage=1", "stop_at=3", f"run_dir={root / 'tp_zero1_to_one'}"]]
 
 
 def test_tensor_parallel_matches_one_process(pipeline_runs, tensor_parallel_runs):
     ref = losses(pipeline_runs / "one")
-    for name in ("tp", "tp_z1"):
+    for name in ("tp", "tp_z1", "tp_z3"):
         got = losses(tensor_parallel_runs / name)
         assert len(got) == 5
         for a, b in zip(got, ref):
@@ -211,14 +214,16 @@ def test_tensor_parallel_matches_one_process(pipeline_runs, tensor_parallel_runs
     summary = json.loads((tensor_parallel_runs / "tp" / "train_summary.json").read_text())
     assert summary["layout"] == "dp=1 x tp=2 x pp=1"
     # the exported weights are the one-process layout (blocks' shards put back together)
-    ref_w, got_w = weights(pipeline_runs / "one"), weights(tensor_parallel_runs / "tp")
-    assert sorted(got_w) == sorted(ref_w)
-    assert max((got_w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-5
-    assert got_w["backbone.blocks.0.attn.qkv.weight"].shape == (96, 32)
+    ref_w = weights(pipeline_runs / "one")
+    for name in ("tp", "tp_z3"):  # ZeRO-3: DeepSpeed gathers its partitions of the shards when it saves
+        got_w = weights(tensor_parallel_runs / name)
+        assert sorted(got_w) == sorted(ref_w)
+        assert max((got_w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-5, name
+        assert got_w["backbone.blocks.0.attn.qkv.weight"].shape == (96, 32)
     # offline consolidation of the per-rank files gives the same tensors
     from pretrain.engines import consolidate_deepspeed_checkpoint
 
-    for name in ("tp", "tp_z1"):
+    for name in ("tp", "tp_z1", "tp_z3"):
         state = consolidate_deepspeed_checkpoint(tensor_parallel_runs / name / "checkpoints" / "step_5")
         w = weights(tensor_parallel_runs / name)
         for k, v in w.items():
@@ -226,9 +231,10 @@ def test_tensor_parallel_matches_one_process(pipeline_runs, tensor_parallel_runs
 
 
 def test_tensor_parallel_resume_continues_exactly(tensor_parallel_runs):
-    straight, resumed = losses(tensor_parallel_runs / "tp"), losses(tensor_parallel_runs / "stopped")
-    assert len(resumed) == 5
-    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
+    for straight, stopped in (("tp", "stopped"), ("tp_z3", "stopped_z3")):
+        straight, resumed = losses(tensor_parallel_runs / straight), losses(tensor_parallel_runs / stopped)
+        assert len(resumed) == 5
+        assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
 
 
 def test_tensor_parallel_refuses_models_without_transformer_blocks():

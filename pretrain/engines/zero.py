@@ -20,6 +20,7 @@ class DeepSpeedConfigError(UserError, ValueError):
     """A DeepSpeed JSON config is missing, malformed or contradicts the recipe."""
 
 TP_SPLITS = "tensor_parallel.json"
+GATHERED = "gathered_model.pt"  # ZeRO-3 with tensor parallelism: the whole model, gathered at save time
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "ds_configs"
 
 
@@ -348,6 +349,8 @@ class DeepSpeedEngine(Engine):
         """Every rank writes its shards into ``directory`` (a checkpoint's temporary directory); under
         tensor parallelism rank 0 adds ``tensor_parallel.json``, how each sharded tensor was cut."""
         self.engine.save_checkpoint(str(directory), tag="ds", client_state=client_state, save_latest=False)
+        if self.tp > 1 and self.zero_stage == 3:  # every rank takes part; rank 0 writes
+            self.engine.save_16bit_model(str(Path(directory) / "ds"), GATHERED)
         if self.tp > 1 and self.rank == 0:
             import json
 
@@ -363,6 +366,13 @@ class DeepSpeedEngine(Engine):
 
     def full_state_dict(self, checkpoint_dir=None) -> dict | None:
         """The whole model's fp32 state dict on rank 0 (None elsewhere), for any ZeRO stage."""
+        if self.tp > 1 and self.zero_stage == 3:  # ZeRO-3 partitions of tensor-parallel shards, gathered by save()
+            if checkpoint_dir is None:
+                raise ValueError("ZeRO-3 export needs the directory of a saved checkpoint")
+            import torch.distributed as dist
+
+            dist.barrier()
+            return consolidate_deepspeed_checkpoint(checkpoint_dir) if self.rank == 0 else None
         if self.tp > 1:  # the blocks' shards put back together (a collective over each tensor-parallel group)
             from ..parallel.tensor_parallel import gather_tensor_parallel_state
 
@@ -466,6 +476,8 @@ def consolidate_deepspeed_checkpoint(checkpoint_dir) -> dict:
 
     if (ds_dir / LAYER_MAP).is_file():  # a pipeline-parallel run: one file per layer
         return consolidate_pipeline_checkpoint(ds_dir)
+    if (ds_dir / GATHERED).is_file():  # ZeRO-3 with tensor parallelism: the whole model, gathered when saved
+        return {k: v.float() for k, v in torch.load(ds_dir / GATHERED, map_location="cpu", weights_only=False).items()}
     states = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
     if (ds_dir / TP_SPLITS).is_file():  # tensor parallel: one file per tp rank, sharded tensors put back
         import json
@@ -503,9 +515,9 @@ def build_deepspeed(cfg, objective: nn.Module, optimizer, schedule, layout, chan
 
         return build_pipeline(cfg, objective, optimizer, schedule, layout, ds_cfg)
     if layout.tp > 1 and stage == 3:
-        raise DeepSpeedConfigError(f"parallel.tp={layout.tp} with ZeRO stage 3: ZeRO-3 gathers whole parameters, "
-                                   f"which tensor-parallel shards are not, so its checkpoints cannot be put back "
-                                   f"into one-process weights here; use deepspeed.zero_stage=0, 1 or 2")
+        # the checkpoint then also holds the whole model, gathered over ZeRO-3's partitions and the
+        # tensor-parallel shards by DeepSpeed (save_16bit_model), which export reads
+        ds_cfg.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     if stage >= 1 and cfg.optim.name in ("lars", "lamb"):
         raise DeepSpeedConfigError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but ZeRO stage "
                                    f"{stage} hands the optimizer flattened partitions; use deepspeed.zero_stage=0, "

@@ -177,8 +177,9 @@ def mark_tensor_parallel_splits(model: nn.Module, splits: Dict[str, TensorSplit]
         owner, _, leaf = key.rpartition(".")
         shape = list(full_shapes[key])
         shape[split.dim] = split.index.shape[1]
-        if key not in state or list(state[key].shape) != shape:
-            got = list(state[key].shape) if key in state else None
+        have = list(getattr(state[key], "ds_shape", state[key].shape)) if key in state else None  # ZeRO-3: partitioned
+        if have != shape:
+            got = have
             raise RuntimeError(f"DeepSpeed AutoTP cut {key} to {got}, expected {shape}")
         m = modules[owner]
         if not hasattr(m, "tp_splits"):
