@@ -24,6 +24,8 @@ the same count (the attention cost falls by about ``(1 - rate) ** 2``). The text
 """
 from __future__ import annotations
 
+import math
+
 from typing import Dict, List, Optional
 
 import torch
@@ -38,6 +40,7 @@ __all__ = ["MODALITIES", "Vatt", "VideoTokenizer", "AudioTokenizer", "TextTokeni
            "vatt_tiny", "vatt_small", "vatt_base"]
 
 MODALITIES = ("video", "audio", "text")
+AUDIO_FRONTENDS = ("waveform", "logmel")
 
 
 def kept_tokens(n: int, rate: float) -> int:
@@ -117,26 +120,67 @@ def _resample(pos: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return out.reshape(*moved.shape[:-1], size).movedim(-1, dim).to(pos.dtype)
 
 
-class AudioTokenizer(nn.Module):
-    """Raw waveform ``[B, S]`` -> tokens ``[B, ceil(S / audio_patch), D]``, positions added."""
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """Triangular filters on the mel scale (HTK: ``2595 log10(1 + f / 700)``), ``[n_mels, n_fft // 2 + 1]``,
+    from 0 Hz to the Nyquist frequency, each 1 at its centre frequency (sampled at the FFT bins)."""
+    mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)  # noqa: E731
+    edges = torch.linspace(mel(0.0), mel(sample_rate / 2), n_mels + 2, dtype=torch.float64)
+    hz = 700.0 * (10.0 ** (edges / 2595.0) - 1.0)
+    f = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    lo, mid, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
+    return torch.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)).clamp(min=0).float()
 
-    def __init__(self, samples: int, audio_patch: int, dim: int) -> None:
+
+class AudioTokenizer(nn.Module):
+    """Audio ``[B, S]`` -> tokens ``[B, N, D]``, positions added.
+
+    ``frontend="waveform"`` (the paper's): non-overlapping raw-waveform patches of ``audio_patch``
+    samples, linearly projected; ``N = ceil(S / audio_patch)``. ``frontend="logmel"``: a log-mel
+    spectrogram (``2 * audio_patch``-sample Hann windows every ``audio_patch`` samples, ``n_mels``
+    bands up to ``sample_rate / 2``), each frame layer-normalised and projected, so one token again
+    covers ``audio_patch`` samples; ``N = S // audio_patch + 1``.
+    """
+
+    def __init__(self, samples: int, audio_patch: int, dim: int, frontend: str = "waveform",
+                 sample_rate: int = 8000, n_mels: int = 40) -> None:
         super().__init__()
         if samples < 1 or audio_patch < 1:
             raise ValueError(f"audio samples ({samples}) and audio_patch ({audio_patch}) must be >= 1")
-        self.samples, self.audio_patch = samples, audio_patch
-        self.num_tokens = -(-samples // audio_patch)
-        self.proj = nn.Linear(audio_patch, dim)
+        if frontend not in AUDIO_FRONTENDS:
+            raise ValueError(f"audio frontend must be one of {', '.join(AUDIO_FRONTENDS)}; got {frontend!r}")
+        self.samples, self.audio_patch, self.frontend = samples, audio_patch, frontend
+        if frontend == "waveform":
+            self.num_tokens = -(-samples // audio_patch)
+            self.proj = nn.Linear(audio_patch, dim)
+        else:
+            if n_mels < 1 or sample_rate < 1:
+                raise ValueError(f"n_mels ({n_mels}) and sample_rate ({sample_rate}) must be >= 1")
+            self.num_tokens = samples // audio_patch + 1
+            self.register_buffer("window", torch.hann_window(2 * audio_patch), persistent=False)
+            self.register_buffer("mel", mel_filterbank(2 * audio_patch, n_mels, sample_rate), persistent=False)
+            self.norm = nn.LayerNorm(n_mels)
+            self.proj = nn.Linear(n_mels, dim)
         self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
 
+    def log_mel(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` -> ``[B, S // audio_patch + 1, n_mels]`` (natural log of the band powers + 1e-6), in fp32."""
+        p = self.audio_patch
+        spec = torch.stft(x.float(), 2 * p, hop_length=p, window=self.window, center=True, pad_mode="constant",
+                          return_complex=True).abs().pow(2)
+        return torch.log(torch.matmul(self.mel, spec) + 1e-6).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[1] == 0 or x.shape[1] > self.num_tokens * self.audio_patch:
-            raise ValueError(f"expected a waveform [B, S] with 1 <= S <= {self.num_tokens * self.audio_patch} samples "
+        limit = self.num_tokens * self.audio_patch if self.frontend == "waveform" else self.samples
+        if x.ndim != 2 or x.shape[1] == 0 or x.shape[1] > limit:
+            raise ValueError(f"expected a waveform [B, S] with 1 <= S <= {limit} samples "
                              f"(native {self.samples}), got {list(x.shape)}")
-        pad = -x.shape[1] % self.audio_patch
-        if pad:
-            x = F.pad(x, (0, pad))
-        tok = self.proj(x.reshape(x.shape[0], -1, self.audio_patch).to(self.proj.weight.dtype))
+        if self.frontend == "logmel":
+            tok = self.proj(self.norm(self.log_mel(x)).to(self.proj.weight.dtype))
+        else:
+            pad = -x.shape[1] % self.audio_patch
+            if pad:
+                x = F.pad(x, (0, pad))
+            tok = self.proj(x.reshape(x.shape[0], -1, self.audio_patch).to(self.proj.weight.dtype))
         return tok + self.pos[:, :tok.shape[1]].to(tok.dtype)
 
 
@@ -204,7 +248,8 @@ class Vatt(nn.Module):
     def __init__(self, frames: int = 8, image_size: int = 32, in_chans: int = 3, tubelet: int = 2,
                  patch_size: int = 8, audio_samples: int = 4096, audio_patch: int = 128, vocab_size: int = 512,
                  context_length: int = 16, pad_id: int = 0, embed_dim: int = 192, depth: int = 12,
-                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path: float = 0.0, shared: bool = True) -> None:
+                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path: float = 0.0, shared: bool = True,
+                 audio_frontend: str = "waveform", sample_rate: int = 8000, n_mels: int = 40) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -216,7 +261,7 @@ class Vatt(nn.Module):
         self.audio_samples, self.vocab_size, self.context_length, self.pad_id = (audio_samples, vocab_size,
                                                                                   context_length, pad_id)
         self.video_embed = VideoTokenizer(frames, image_size, in_chans, tubelet, patch_size, embed_dim)
-        self.audio_embed = AudioTokenizer(audio_samples, audio_patch, embed_dim)
+        self.audio_embed = AudioTokenizer(audio_samples, audio_patch, embed_dim, audio_frontend, sample_rate, n_mels)
         self.text_embed = TextTokenizer(vocab_size, context_length, embed_dim, pad_id)
         self.agg_tokens = nn.Parameter(torch.zeros(len(MODALITIES), embed_dim))
         if self.shared:
@@ -343,11 +388,13 @@ def _factory(preset: str):
                 audio_samples: int = 4096, audio_patch: int = 128, vocab_size: int = 512, context_length: int = 16,
                 pad_id: int = 0, depth: Optional[int] = None, embed_dim: Optional[int] = None,
                 num_heads: Optional[int] = None, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                shared: bool = True) -> Vatt:
+                shared: bool = True, audio_frontend: str = "waveform", sample_rate: int = 8000,
+                n_mels: int = 40) -> Vatt:
         kw = {k: v if v is not None else sizes[k] for k, v in
               (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads))}
         return Vatt(frames, image_size, in_chans, tubelet, patch_size, audio_samples, audio_patch, vocab_size,
-                    context_length, pad_id, mlp_ratio=mlp_ratio, drop_path=drop_path, shared=shared, **kw)
+                    context_length, pad_id, mlp_ratio=mlp_ratio, drop_path=drop_path, shared=shared,
+                    audio_frontend=audio_frontend, sample_rate=sample_rate, n_mels=n_mels, **kw)
 
     factory.__name__ = preset
     factory.__doc__ = (f"VATT ({sizes['embed_dim']} wide, {sizes['depth']} blocks, {sizes['num_heads']} heads; "

@@ -268,6 +268,7 @@ class ClipsSchema(BatchSchema):
         tok = self.tokenizer(cfg)
         return {"video": {"in_chans": info.channels, "image_size": image_size(cfg, info),
                           "frames": info.extra["frames"], "audio_samples": info.extra["audio_samples"],
+                          "sample_rate": info.extra["sample_rate"],
                           "vocab_size": tok.vocab_size, "context_length": tok.context_length, "pad_id": tok.pad_id}}
 
     def collate(self, cfg, objective, info, rank, world):

@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 
 from data.captions import DIGIT_WORDS
-from data.clips import (ASTERISK_DIGITS, ClipCollate, build_clips, clip_eval_loader, digit_recordings, fit_audio,
-                        list_clip_sources, load_audio, resample_audio)
+from data.clips import (ASTERISK_DIGITS, DIGIT_TEST_SPEAKERS, ClipCollate, build_clips, clip_eval_loader,
+                        digit_recordings, fit_audio, list_clip_sources, load_audio, resample_audio, trim_silence)
 from data.datasets import DataError, DataPathError, _mnist5k_arrays, _stratified_split
 from data.loader import SkipCounter
 from data.pairs import CLIP_MEAN, CLIP_STD, TUXPAINT_ROOT
@@ -120,7 +120,10 @@ def test_digit_recordings_split_by_speaker(digits):
     assert all(recs["train"][d] and recs["test"][d] for d in range(10))
     speakers = {s: {sp for d in range(10) for sp, _ in recs[s][d]} for s in recs}
     assert not speakers["train"] & speakers["test"]  # test clips speak with voices never heard in training
-    assert 0.1 < len(test) / (len(train) + len(test)) < 0.35
+    # ... in English, a language heard in training (a held-out language's words could not be recognised)
+    assert speakers["test"] <= set(DIGIT_TEST_SPEAKERS) and len(speakers["test"]) >= 2
+    assert {"asterisk", "tuxpaint:en"} & speakers["train"]
+    assert 0.05 < len(test) / (len(train) + len(test)) < 0.35
     assert digits["test"].source.recordings == recs["test"]
     for s, ds in digits.items():
         for i in range(0, len(ds), 211):
@@ -163,14 +166,14 @@ def test_tuxpaint_clips_split_by_stamp(stamps):
 
 
 def test_tuxpaint_clip_audio_is_one_of_the_stamps_recordings(stamps):
-    n = 8000 * 40  # long enough for a whole recording: the item holds it unchanged at some offset
+    n = 8000 * 40  # long enough for a whole recording: the item holds it (trimmed) unchanged at some offset
     ds = _quiet(build_clips, "tuxpaint_clips", "test", image_size=S, frames=2, audio_samples=n, clips_per_item=2)
     for i in (0, 3, 50):
         it = ds[i]
         a = it["audio"].numpy()
         found = False
         for ref in ds.source.recordings[i // 2]:
-            rec = load_audio(ref, 8000)
+            rec = trim_silence(load_audio(ref, 8000), 8000)
             if len(rec) > n:
                 continue
             shift = int(np.flatnonzero(a)[0]) - int(np.flatnonzero(rec)[0])
@@ -341,6 +344,19 @@ def test_resampling_cropping_and_padding(tmp_path):
     assert len(cut) == 4 and np.all(np.diff(cut) == 1)
     padded = fit_audio(x, 15, rng)
     assert padded.sum() == x.sum() and len(padded) == 15
+
+
+def test_trim_silence_keeps_the_sound_and_sets_its_level():
+    rate = 8000
+    t = np.arange(rate // 4) / rate
+    word = (0.08 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)  # a quarter second, quiet
+    x = np.concatenate([np.zeros(rate, np.float32), word, 1e-4 * np.ones(rate // 2, np.float32)])
+    y = trim_silence(x, rate)
+    assert abs(len(y) - (len(word) + 2 * int(0.02 * rate))) <= int(0.01 * rate)  # the word and 20 ms each side
+    assert np.isclose(np.abs(y).max(), 0.5, atol=1e-3) and y.dtype == np.float32
+    assert np.abs(y[len(y) // 2 - 400:len(y) // 2 + 400]).max() > 0.4  # the tone is the middle
+    silent = np.zeros(100, np.float32)
+    assert trim_silence(silent, rate) is not None and np.array_equal(trim_silence(silent, rate), silent)
 
 
 def test_moving_digits_class_audio_for_zero_shot(digits):

@@ -35,6 +35,31 @@ def test_token_counts_and_shapes():
                                m.forward_pooled(torch.cat([short, torch.zeros(3, 50)], 1), "audio"))
 
 
+def test_mel_filterbank_and_log_mel_frontend():
+    from models.vatt import mel_filterbank
+
+    fb = mel_filterbank(256, 40, 8000)
+    # triangles 1 at their centre frequency, sampled at the FFT bins: every band reaches at least half
+    assert fb.shape == (40, 129) and fb.min() >= 0 and bool(((fb.max(1).values > 0.5) & (fb.max(1).values <= 1)).all())
+    centres = fb.argmax(1)
+    assert torch.all(centres[1:] >= centres[:-1]) and (centres[1:] - centres[:-1]).float().mean() > 2
+    m = tiny(audio_frontend="logmel", sample_rate=8000, n_mels=16)
+    assert m.audio_embed.num_tokens == 1000 // 100 + 1
+    t = torch.arange(1000) / 8000
+    tone = torch.sin(2 * torch.pi * 1000 * t)[None]  # 1 kHz: the loudest band is the one centred nearest
+    spec = m.audio_embed.log_mel(tone)
+    assert spec.shape == (1, 11, 16)
+    band_hz = m.audio_embed.mel.argmax(1).float() * 8000 / 200
+    assert abs(band_hz[spec[0, 5].argmax()] - 1000) < 250
+    _, audio, _ = clips()
+    assert m.forward_features(audio, "audio").shape == (3, 1 + 11, 32)
+    kept = m.forward_features(audio, "audio", drop_rate=0.5, drop_seeds=torch.arange(3))
+    assert kept.shape == (3, 1 + 5, 32)
+    assert m.forward_pooled(audio * 0.1, "audio").shape == (3, 32)
+    with pytest.raises(ValueError, match="audio frontend must be one of waveform, logmel"):
+        tiny(audio_frontend="cqt")
+
+
 @pytest.mark.parametrize("n,rate,keep", [(100, 0.0, 100), (100, 0.25, 75), (100, 0.5, 50), (100, 0.75, 25),
                                          (10, 0.5, 5), (7, 0.5, 3), (3, 0.9, 1)])
 def test_drop_token_kept_counts(n, rate, keep):
@@ -195,6 +220,8 @@ def test_vatt_config_errors():
         tiny_objective(drop_token=1.0)
     with pytest.raises(ConfigError, match="vatt.head_norm"):
         tiny_objective(head_norm="gn")
+    with pytest.raises(ConfigError, match="vatt.audio_frontend': expected one of waveform, logmel, got 'mfcc'"):
+        tiny_objective(audio_frontend="mfcc")
     with pytest.raises(ConfigError, match="clips.frames"):
         load_config(None, ["objective=vatt", "clips.frames=0"])
     with pytest.raises(ConfigError, match="clips.audio_seconds"):

@@ -52,6 +52,7 @@ class VattConfig:
     temperature: float = 0.07
     vt_weight: float = 1.0  # weight of the video-text MIL-NCE beside the video-audio NCE
     templates: tuple[str, ...] = ()  # zero-shot prompts ("the number {}."); empty = each source's own
+    audio_frontend: str = "waveform"  # raw-waveform patches (the paper's) | logmel (a log-mel spectrogram's frames)
 
 
 @register_objective("vatt", VattConfig)
@@ -81,7 +82,7 @@ class VattObjective(Objective):
 
     @classmethod
     def tower_options(cls, cfg: VattConfig) -> dict[str, dict]:
-        return {"video": {"shared": bool(cfg.shared)}}
+        return {"video": {"shared": bool(cfg.shared), "audio_frontend": cfg.audio_frontend}}
 
     # ------------------------------------------------------------------ embeddings
 
@@ -218,6 +219,11 @@ def retrieval_recalls(queries: Tensor, keys: Tensor, positive: Tensor, name: str
 
 
 def check_config(cfg: VattConfig) -> None:
+    from models.vatt import AUDIO_FRONTENDS
+
+    if cfg.audio_frontend not in AUDIO_FRONTENDS:
+        raise ConfigError(f"config key 'vatt.audio_frontend': expected one of {', '.join(AUDIO_FRONTENDS)}, "
+                          f"got {cfg.audio_frontend!r}")
     if not 0.0 <= cfg.drop_token < 1.0:
         raise ConfigError(f"config key 'vatt.drop_token': expected a fraction in [0, 1), got {cfg.drop_token}")
     for key in ("va_dim", "vt_dim"):
