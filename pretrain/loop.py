@@ -170,16 +170,23 @@ PORTABLE = "portable.pt"
 
 
 def same_layout(meta: dict, engine: str, layout: ParallelLayout) -> bool:
-    """Whether a checkpoint was written by this engine with the model cut as now (``parallel.tp`` and
-    ``parallel.pp``; the data-parallel size may differ), so the engine's own files resume it."""
+    """Whether a checkpoint was written by this engine with the layout of now (``dp``, ``tp`` and
+    ``pp``), so the engine's own files resume it. DeepSpeed reloads its ZeRO partitions only on the
+    data-parallel size they were written with; another size goes through the one-process copy."""
     saved = ParallelLayout.parse(meta.get("layout", "dp=1 x tp=1 x pp=1"))
-    return meta.get("engine", "plain") == engine and (saved.tp, saved.pp) == (layout.tp, layout.pp)
+    return meta.get("engine", "plain") == engine and (saved.dp, saved.tp, saved.pp) == (layout.dp, layout.tp, layout.pp)
 
 
 def check_resume_layout(meta: dict, layout: ParallelLayout, ckpt) -> None:
     """Raises when a checkpoint without a one-process copy (:data:`PORTABLE`) would resume with the
-    model cut differently than it was saved."""
+    model cut differently than it was saved, or on another data-parallel size."""
     saved = ParallelLayout.parse(meta.get("layout", "dp=1 x tp=1 x pp=1"))
+    if (saved.tp, saved.pp) == (layout.tp, layout.pp) and saved.dp != layout.dp:
+        raise RunError(f"--resume: checkpoint '{ckpt}' was written by {saved.dp} data-parallel replicas, this run has "
+                       f"{layout.dp}; DeepSpeed reloads its ZeRO partitions only on the data-parallel size they were "
+                       f"written with, and this checkpoint has no {PORTABLE} (ZeRO-3 and pipelines under ZeRO-1 "
+                       f"write none): resume on {saved.dp * saved.tp * saved.pp} ranks, or start a new run from the "
+                       f"exported weights (model.image.init=RUN_DIR)")
     if (saved.tp, saved.pp) != (layout.tp, layout.pp):
         raise RunError(f"--resume: checkpoint '{ckpt}' was written with parallel.tp={saved.tp} parallel.pp={saved.pp}, "
                        f"this run has tp={layout.tp} pp={layout.pp}; resuming with the model cut differently needs "

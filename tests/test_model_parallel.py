@@ -392,11 +392,18 @@ def test_resume_on_another_layout_continues_the_loss_curve(pipeline_runs, tensor
 
 
 def test_resume_refuses_a_model_cut_differently():
-    from pretrain.loop import RunError, check_resume_layout
+    from pretrain.loop import RunError, check_resume_layout, same_layout
     from pretrain.parallel import ParallelLayout
 
+    # the engine's own files only for the same engine and layout; another dp goes through portable.pt
+    assert same_layout({"engine": "deepspeed", "layout": "dp=2 x tp=1 x pp=1"}, "deepspeed", ParallelLayout(dp=2))
+    assert not same_layout({"engine": "deepspeed", "layout": "dp=2 x tp=1 x pp=1"}, "deepspeed", ParallelLayout(dp=1))
+    assert not same_layout({"engine": "deepspeed", "layout": "dp=1 x tp=1 x pp=1"}, "plain", ParallelLayout())
+
     check_resume_layout({"layout": "dp=1 x tp=1 x pp=2"}, ParallelLayout(dp=1, pp=2), "ckpt")
-    check_resume_layout({"layout": "dp=2 x tp=1 x pp=1"}, ParallelLayout(dp=1), "ckpt")  # dp may change
+    with pytest.raises(RunError, match="written by 2 data-parallel replicas, this run has 1; DeepSpeed reloads its ZeRO "
+                                       "partitions only on the data-parallel size"):
+        check_resume_layout({"layout": "dp=2 x tp=1 x pp=1"}, ParallelLayout(dp=1), "ckpt")
     with pytest.raises(RunError, match="written with parallel.tp=1 parallel.pp=2, this run has tp=1 pp=1"):
         check_resume_layout({"layout": "dp=1 x tp=1 x pp=2"}, ParallelLayout(dp=2), "ckpt")
     with pytest.raises(RunError, match="parallel.tp=2"):
