@@ -3,8 +3,9 @@
     python -m benchmarks.vatt_audio_supervised [--steps 800] [--out FILE.md]
 
 The moving-digits clips' sounds (0.5 s at 8 kHz, the recipe's), each front end of
-:class:`models.vatt.AudioTokenizer` (raw-waveform patches, log-mel frames) under the recipe's
-2-block transformer 64 wide with an aggregation token and a linear head, trained with labels
+:class:`models.vatt.AudioTokenizer` (raw-waveform patches, log-mel frames) in the recipe's VATT
+backbone (2 blocks 64 wide; its audio path: tokens, aggregation token, transformer, pooled
+output) with a linear head, trained with labels
 (cross-entropy, AdamW, batch 64) on the train clips; accuracy on the test clips, whose sounds
 are spoken by voices never heard in training. This is the ceiling the contrastive objective
 works towards without labels: it says whether a front end can represent the digits, apart from
@@ -34,22 +35,20 @@ def clip_audio(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class AudioClassifier(nn.Module):
-    """The VATT audio path (tokeniser, aggregation token, transformer) and a linear head."""
+    """The recipe's VATT backbone (``vatt_tiny``, 2 blocks 64 wide) on audio alone, and a linear head."""
 
     def __init__(self, frontend: str):
         super().__init__()
-        from models.vatt import AudioTokenizer, VattEncoder
+        from models import create_backbone
 
-        self.tokens = AudioTokenizer(SAMPLES, PATCH, DIM, frontend, SAMPLE_RATE)
-        self.agg = nn.Parameter(torch.zeros(1, 1, DIM))
-        nn.init.trunc_normal_(self.agg, std=0.02)
-        nn.init.trunc_normal_(self.tokens.pos, std=0.02)
-        self.encoder = VattEncoder(DIM, depth=2, num_heads=2, mlp_ratio=4.0, drop_path=0.0)
+        self.vatt = create_backbone("vatt_tiny", frames=4, image_size=16, patch_size=4, tubelet=1,
+                                    audio_samples=SAMPLES, audio_patch=PATCH, vocab_size=256, context_length=8,
+                                    depth=2, embed_dim=DIM, num_heads=2, audio_frontend=frontend,
+                                    sample_rate=SAMPLE_RATE)
         self.head = nn.Linear(DIM, 10)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        t = self.tokens(audio)
-        return self.head(self.encoder(torch.cat([self.agg.expand(len(t), -1, -1), t], 1))[:, 0])
+        return self.head(self.vatt.forward_pooled(audio, "audio"))
 
 
 def train_and_test(frontend: str, train, test, steps: int, seed: int = 0) -> dict:

@@ -139,7 +139,7 @@ class DeepSpeedEngine(Engine):
         mpu = layout if layout is not None and layout.dp != dist.get_world_size() else None
         self.layout = layout
         _forget_previous_mpu()
-        splits = shapes = None
+        splits = None
         if self.tp > 1:  # DeepSpeed's AutoTP cuts the blocks inside initialize; how, is recorded after
             from ..parallel.tensor_parallel import autotp_config, plan_splits
 
@@ -151,7 +151,6 @@ class DeepSpeedEngine(Engine):
                                            f"remove the section (the run writes it from parallel.tp)")
             config = {**config, "tensor_parallel": {**(given or {}), **section}}
             splits = plan_splits(model, layout.tp_rank, self.tp)
-            shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in splits}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=schedule, config=config, mpu=mpu)
         self.module = self.engine.module
@@ -159,7 +158,7 @@ class DeepSpeedEngine(Engine):
         if splits is not None:
             from ..parallel.tensor_parallel import mark_tensor_parallel_splits
 
-            mark_tensor_parallel_splits(self.module, splits, shapes)
+            mark_tensor_parallel_splits(self.module, splits)
             # DeepSpeed's own first-batch check compares nested dicts of tensors with `!=` and fails on
             # ours; the same check (one batch, every tensor-parallel rank) is done here by checksums
             hook = getattr(self.engine, "first_dataloader_check", None)
@@ -366,21 +365,14 @@ class DeepSpeedEngine(Engine):
 
     def full_state_dict(self, checkpoint_dir=None) -> dict | None:
         """The whole model's fp32 state dict on rank 0 (None elsewhere), for any ZeRO stage."""
-        if self.tp > 1 and self.zero_stage == 3:  # ZeRO-3 partitions of tensor-parallel shards, gathered by save()
-            if checkpoint_dir is None:
-                raise ValueError("ZeRO-3 export needs the directory of a saved checkpoint")
-            import torch.distributed as dist
-
-            dist.barrier()
-            return consolidate_deepspeed_checkpoint(checkpoint_dir) if self.rank == 0 else None
-        if self.tp > 1:  # the blocks' shards put back together (a collective over each tensor-parallel group)
+        if self.tp > 1 and self.zero_stage < 3:  # the blocks' shards put back together (a collective per tp group)
             from ..parallel.tensor_parallel import gather_tensor_parallel_state
 
             state = gather_tensor_parallel_state(self.module, self.layout.tp_group)
             return state if self.rank == 0 else None
         if self.zero_stage < 3:
             return self.module.state_dict() if self.rank == 0 else None
-        if checkpoint_dir is None:
+        if checkpoint_dir is None:  # ZeRO-3, with tensor parallelism too (save() wrote the gathered model)
             raise ValueError("ZeRO-3 export needs the directory of a saved checkpoint")
         import torch.distributed as dist
 

@@ -35,8 +35,8 @@ import torch.nn as nn
 from data.common import UserError
 from models.vit import Attention, Block, Mlp
 
-__all__ = ["TensorSplit", "TensorParallelError", "check_tensor_parallel", "autotp_config", "block_splits",
-           "plan_splits", "mark_tensor_parallel_splits", "tensor_parallel_splits", "gather_tensor_parallel_state",
+__all__ = ["TensorSplit", "TensorParallelError", "check_tensor_parallel", "autotp_config", "plan_splits",
+           "mark_tensor_parallel_splits", "tensor_parallel_splits", "gather_tensor_parallel_state",
            "shard_full_state", "splits_to_json", "unshard_from_json"]
 
 
@@ -78,7 +78,6 @@ class TensorSplit:
 
 def _blocks_of(length: int, size: int) -> torch.Tensor:
     return torch.arange(length).view(size, length // size)
-
 
 
 class TensorParallelError(UserError, ValueError):
@@ -137,55 +136,51 @@ def autotp_config(model: nn.Module, tp: int) -> dict:
     return {"autotp_size": tp, "partition_config": {"use_default_specs": False, "layer_specs": specs}}
 
 
-def block_splits(block: Block, rank: int, size: int) -> Dict[str, Tuple[str, TensorSplit]]:
-    """``{"attn.qkv.weight": ("attn.qkv", split), ...}``: how AutoTP cuts one block ``size`` ways, for
-    ``rank``. ``qkv`` keeps rows ``j*D + r*D/T .. j*D + (r+1)*D/T`` of q, k and v (j = 0, 1, 2);
-    ``fc1`` a block of rows; ``proj`` and ``fc2`` a block of input columns (their biases stay whole)."""
+def _block_splits(block: Block, rank: int, size: int) -> Dict[str, TensorSplit]:
+    """How AutoTP cuts one block ``size`` ways, for ``rank``, by the block's state-dict keys: ``qkv``
+    keeps rows ``j*D + r*D/T .. j*D + (r+1)*D/T`` of q, k and v (j = 0, 1, 2); ``fc1`` a block of
+    rows; ``proj`` and ``fc2`` a block of input columns (their biases stay whole)."""
     dim = block.attn.qkv.in_features
     local = dim // size
-    qkv_rows = torch.stack([torch.cat([torch.arange(j * dim + r * local, j * dim + (r + 1) * local)
-                                       for j in range(3)]) for r in range(size)])
-    fc1_rows = _blocks_of(block.mlp.fc1.out_features, size)
-    out = {"attn.qkv.weight": ("attn.qkv", TensorSplit(0, rank, qkv_rows)),
-           "mlp.fc1.weight": ("mlp.fc1", TensorSplit(0, rank, fc1_rows)),
-           "attn.proj.weight": ("attn.proj", TensorSplit(1, rank, _blocks_of(block.attn.proj.in_features, size))),
-           "mlp.fc2.weight": ("mlp.fc2", TensorSplit(1, rank, _blocks_of(block.mlp.fc2.in_features, size)))}
+    qkv = TensorSplit(0, rank, torch.stack([torch.cat([torch.arange(j * dim + r * local, j * dim + (r + 1) * local)
+                                                       for j in range(3)]) for r in range(size)]))
+    fc1 = TensorSplit(0, rank, _blocks_of(block.mlp.fc1.out_features, size))
+    out = {"attn.qkv.weight": qkv, "mlp.fc1.weight": fc1,
+           "attn.proj.weight": TensorSplit(1, rank, _blocks_of(block.attn.proj.in_features, size)),
+           "mlp.fc2.weight": TensorSplit(1, rank, _blocks_of(block.mlp.fc2.in_features, size))}
     if block.attn.qkv.bias is not None:
-        out["attn.qkv.bias"] = ("attn.qkv", TensorSplit(0, rank, qkv_rows))
+        out["attn.qkv.bias"] = qkv
     if block.mlp.fc1.bias is not None:
-        out["mlp.fc1.bias"] = ("mlp.fc1", TensorSplit(0, rank, fc1_rows))
+        out["mlp.fc1.bias"] = fc1
     return out
 
 
 def plan_splits(model: nn.Module, rank: int, size: int) -> Dict[str, TensorSplit]:
     """``{state-dict key: TensorSplit}`` of every tensor a cut of the (still whole) ``model`` shards."""
     return {f"{name}.{key}" if name else key: split
-            for name, b in _blocks(model) for key, (_, split) in block_splits(b, rank, size).items()}
+            for name, b in _blocks(model) for key, split in _block_splits(b, rank, size).items()}
 
 
-def mark_tensor_parallel_splits(model: nn.Module, splits: Dict[str, TensorSplit], full_shapes: Dict[str, tuple]) -> None:
+def mark_tensor_parallel_splits(model: nn.Module, splits: Dict[str, TensorSplit]) -> None:
     """Records ``splits`` (from :func:`plan_splits` before the cut) in the ``tp_splits`` of the layers
-    AutoTP replaced, after checking that each tensor now has its split's shape.
+    AutoTP replaced, after checking that each tensor now has its split's length along the cut dim.
 
     Raises:
         RuntimeError: naming the tensor, when DeepSpeed cut it otherwise (a DeepSpeed version that
             splits differently would otherwise corrupt consolidated checkpoints silently).
     """
-    state = dict(model.named_parameters())
+    params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     for key, split in splits.items():
+        p = params.get(key)
+        shape = list(getattr(p, "ds_shape", p.shape)) if p is not None else None  # ZeRO-3: partitioned
+        if shape is None or shape[split.dim] != split.index.shape[1]:
+            raise RuntimeError(f"DeepSpeed AutoTP cut {key} to {shape}; expected length {split.index.shape[1]} "
+                               f"along dim {split.dim}")
         owner, _, leaf = key.rpartition(".")
-        shape = list(full_shapes[key])
-        shape[split.dim] = split.index.shape[1]
-        have = list(getattr(state[key], "ds_shape", state[key].shape)) if key in state else None  # ZeRO-3: partitioned
-        if have != shape:
-            got = have
-            raise RuntimeError(f"DeepSpeed AutoTP cut {key} to {got}, expected {shape}")
-        m = modules[owner]
-        if not hasattr(m, "tp_splits"):
-            m.tp_splits = {}
-        m.tp_splits[leaf] = split
-        p = state[key]
+        if not hasattr(modules[owner], "tp_splits"):
+            modules[owner].tp_splits = {}
+        modules[owner].tp_splits[leaf] = split
         p.tensor_model_parallel, p.partition_dim = True, split.dim  # Megatron's marks, for other tools
 
 
